@@ -1,0 +1,257 @@
+"""The BIDS-Apps command line: parse and validate into a :class:`~bids_cl.config.RunConfig`.
+
+Parsing only: nothing here touches the dataset beyond checking that paths exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from bids_cl import __version__
+from bids_cl.config import (
+    ANALYSIS_LEVELS,
+    CONNECTIVITY_CHOICES,
+    DEFAULT_OUTPUT_SPACES,
+    DEVICE_CHOICES,
+    SKULL_STRIP_CHOICES,
+    RunConfig,
+)
+from bids_cl.errors import EXIT_UNKNOWN_LEVEL, EXIT_USAGE, BidsClError
+
+# Options whose feature does not exist yet: parsed and stored, then refused with exit 64 so that a
+# user never believes a setting was applied when it was not. Empty once every feature has landed.
+NOT_IMPLEMENTED: dict[str, Any] = {}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the BIDS-Apps usage exit code (64) and one-line errors."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BidsClError(f"{message} (see bids_cl --help)", EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
+    return value
+
+
+def _min_size(text: str) -> str:
+    from bids_cl.utils.units import parse_min_lesion_size
+
+    parse_min_lesion_size(text)  # validates; the config keeps the user's text
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="bids_cl",
+        description=(
+            "bids_cl: cortical lesion segmentation for multiple sclerosis on T1-weighted MRI "
+            "(MP2RAGE UNI, MPRAGE; 3T and 7T) with nnU-Net v2, as a BIDS-App."
+        ),
+        epilog=(
+            "Exit codes: 0 ok; 1 failure; 16 BIDS validation failed; 17 unknown analysis level; "
+            "18 labels/filters selected no data; 64 usage error; 65 input data unusable; "
+            "66 required input missing; 73 cannot create output."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path, help="the input BIDS dataset (never modified)")
+    parser.add_argument("output_dir", type=Path, help="where derivatives are written")
+    parser.add_argument(
+        "analysis_level",
+        help="'participant' segments each participant; 'group' summarises participant outputs",
+    )
+    parser.add_argument("--version", action="version", version=f"bids_cl {__version__}")
+
+    g = parser.add_argument_group("Selecting data")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+                   help="participants to process (space separated; a leading 'sub-' is stripped)")
+    g.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL",
+                   help="sessions to process (a leading 'ses-' is stripped); default: all, each "
+                   "processed separately")
+    g.add_argument("--bids-filter-file", "--bids_filter_file", type=Path, metavar="FILE",
+                   help="JSON {query: {entity: value}} overriding the queries uni, t1w, inv1, "
+                   "inv2, t1map; null = entity absent, \"*\" = any value")
+    g.add_argument("--bids-database-dir", type=Path, metavar="DIR",
+                   help="keep (or reuse) the pybids index here: fast start on large datasets")
+    g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                   help="do not run the BIDS validator (built-in minimum checks still run)")
+
+    g = parser.add_argument_group("Execution")
+    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
+                   help="Nipype work directory (reruns resume from it); default ./work")
+    g.add_argument("--nprocs", "--nthreads", "--n-cpus", type=_positive_int, metavar="N",
+                   help="processes run at once (default: the Slurm allocation or all CPUs "
+                   "this process may use)")
+    g.add_argument("--omp-nthreads", type=_positive_int, metavar="N",
+                   help="threads per process (torch, ANTs)")
+    g.add_argument("--mem-mb", "--mem_mb", "--mem", type=_positive_int, metavar="MB",
+                   help="memory budget for the scheduler")
+    g.add_argument("--use-plugin", "--nipype-plugin-file", type=Path, metavar="YAML",
+                   help="Nipype plugin settings (plugin: and plugin_args:), e.g. SLURM")
+    g.add_argument("--dry-run", action="store_true",
+                   help="discover and validate, print the plan as JSON lines, write nothing")
+    g.add_argument("--reports-only", action="store_true",
+                   help="regenerate the HTML reports from existing derivatives")
+    g.add_argument("--config-file", type=Path, metavar="TOML",
+                   help="reload a previous run's bids_cl.toml (command-line options override)")
+    g.add_argument("--random-seed", type=int, default=20250716, help="seed for ANTs and torch")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more output (-v: the discovery record; -vv: debug)")
+
+    g = parser.add_argument_group("Segmentation")
+    g.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                   help="auto uses CUDA when present, else the CPU (with a warning)")
+    g.add_argument("--model", default="auto", metavar="NAME|PATH",
+                   help="registry name ('published', 'demo'), an nnU-Net model folder or export "
+                   "zip; 'auto' = the published model when installed, else refuse")
+    g.add_argument("--folds", nargs="+", type=int, metavar="K",
+                   help="folds to ensemble (default: all in the model)")
+    g.add_argument("--disable-tta", action="store_true",
+                   help="no mirroring test-time augmentation (default: on for GPU, off for CPU)")
+    g.add_argument("--threshold", type=_probability, default=0.5,
+                   help="ensemble probability above which a voxel is lesion")
+    g.add_argument("--min-lesion-size", type=_min_size, metavar="SIZE",
+                   help="drop lesions smaller than SIZE voxels, or µL with a unit ('3uL'); "
+                   "default: keep all")
+    g.add_argument("--connectivity", type=int, choices=CONNECTIVITY_CHOICES, default=26,
+                   help="voxel neighbourhood that joins lesion voxels into one lesion")
+
+    g = parser.add_argument_group("Preprocessing")
+    g.add_argument("--skull-strip", choices=SKULL_STRIP_CHOICES, default="auto",
+                   help="auto: SynthStrip when its weights are present; else for MP2RAGE with "
+                   "INV2 a mask from INV2; else deepbet")
+    g.add_argument("--synthstrip-model", type=Path, metavar="PT",
+                   help="SynthStrip weights (default $FREESURFER_HOME/models/synthstrip.1.pt)")
+    g.add_argument("--output-spaces", nargs="*", metavar="SPACE",
+                   default=list(DEFAULT_OUTPUT_SPACES),
+                   help="template spaces for lesion maps ('native' or nothing = native only); "
+                   "TemplateFlow names, e.g. MNI152NLin2009cAsym (prefetch with "
+                   "bids_cl-fetch-templates)")
+    return parser
+
+
+def _merge_config_file(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Values of --config-file, overridden by options given on the command line."""
+    if args.config_file is None:
+        return {}
+    if not args.config_file.is_file():
+        raise BidsClError(f"--config-file {args.config_file} does not exist", EXIT_USAGE)
+    base = RunConfig.load(args.config_file).to_dict()
+    for volatile in ("run_uuid", "version", "bids_dir", "output_dir", "analysis_level"):
+        base.pop(volatile, None)
+    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("-")}
+    return {k: v for k, v in base.items() if k not in given}
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """Parse ``argv`` into a validated RunConfig (raises BidsClError with an exit code)."""
+    from bids_cl.utils.bids import load_bids_filters, strip_prefix
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+
+    if args.analysis_level not in ANALYSIS_LEVELS:
+        raise BidsClError(
+            f"unknown analysis level '{args.analysis_level}'; use one of "
+            + ", ".join(ANALYSIS_LEVELS), EXIT_UNKNOWN_LEVEL,
+        )
+    bids_dir = args.bids_dir.expanduser().resolve()
+    if not bids_dir.is_dir():
+        raise BidsClError(f"the BIDS directory {args.bids_dir} does not exist", EXIT_USAGE)
+
+    spaces = [s for s in (args.output_spaces or []) if s not in ("native", "T1w")]
+    config = RunConfig(
+        bids_dir=bids_dir,
+        output_dir=args.output_dir.expanduser().resolve(),
+        analysis_level=args.analysis_level,
+        participant_label=strip_prefix(args.participant_label, "sub-"),
+        session_label=strip_prefix(args.session_label, "ses-"),
+        bids_filter_file=args.bids_filter_file,
+        bids_database_dir=args.bids_database_dir.resolve() if args.bids_database_dir else None,
+        skip_bids_validation=args.skip_bids_validation,
+        work_dir=(args.work_dir or Path.cwd() / "work").expanduser().resolve(),
+        nprocs=args.nprocs,
+        omp_nthreads=args.omp_nthreads,
+        mem_mb=args.mem_mb,
+        use_plugin=args.use_plugin,
+        dry_run=args.dry_run,
+        reports_only=args.reports_only,
+        verbose=args.verbose,
+        random_seed=args.random_seed,
+        device=args.device,
+        model=args.model,
+        folds=args.folds,
+        disable_tta=args.disable_tta,
+        threshold=args.threshold,
+        min_lesion_size=args.min_lesion_size,
+        connectivity=args.connectivity,
+        skull_strip=args.skull_strip,
+        synthstrip_model=args.synthstrip_model,
+        output_spaces=spaces,
+        version=__version__,
+    )
+    for key, value in _merge_config_file(args, argv).items():
+        if hasattr(config, key):
+            setattr(config, key, RunConfig.from_dict({"bids_dir": ".", "output_dir": ".",
+                                                      key: value}).__dict__[key])
+    if config.bids_filter_file is not None:
+        config.bids_filters = load_bids_filters(config.bids_filter_file)
+    if config.use_plugin is not None:
+        config.plugin, config.plugin_args = load_plugin_file(config.use_plugin)
+    if config.synthstrip_model is not None and not config.synthstrip_model.is_file():
+        raise BidsClError(f"--synthstrip-model {config.synthstrip_model} does not exist",
+                          EXIT_USAGE)
+    if config.folds is not None and any(f < 0 for f in config.folds):
+        raise BidsClError("--folds must be non-negative fold numbers", EXIT_USAGE)
+    _refuse_not_implemented(config)
+    _fill_resources(config)
+    return config
+
+
+def load_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:
+    """Read a Nipype plugin YAML: ``plugin: NAME`` and ``plugin_args: {...}``."""
+    import yaml
+
+    if not path.is_file():
+        raise BidsClError(f"--use-plugin {path} does not exist", EXIT_USAGE)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise BidsClError(f"--use-plugin {path} is not valid YAML ({exc})", EXIT_USAGE) from None
+    if not isinstance(data, dict) or "plugin" not in data:
+        raise BidsClError(f"--use-plugin {path} must set 'plugin:'", EXIT_USAGE)
+    return str(data["plugin"]), dict(data.get("plugin_args") or {})
+
+
+def _refuse_not_implemented(config: RunConfig) -> None:
+    for option, (attribute, default) in NOT_IMPLEMENTED.items():
+        if getattr(config, attribute) != default:
+            raise BidsClError(f"{option} is not implemented yet", EXIT_USAGE)
+
+
+def _fill_resources(config: RunConfig) -> None:
+    """Threads and memory follow the options, else the Slurm allocation, never the whole node."""
+    try:
+        from bids_cl.utils.resources import effective_cpus, effective_mem_mb
+    except ImportError:  # pragma: no cover - resources module ships with the package
+        cpus = len(os.sched_getaffinity(0))
+        config.nprocs = config.nprocs or cpus
+        config.omp_nthreads = config.omp_nthreads or 1
+        return
+    config.nprocs, config.omp_nthreads = effective_cpus(config.nprocs, config.omp_nthreads)
+    config.mem_mb = effective_mem_mb(config.mem_mb)

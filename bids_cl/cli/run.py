@@ -1,0 +1,170 @@
+"""``bids_cl bids_dir output_dir {participant,group}``: validate, discover, run, exit with a BIDS code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from bids_cl import __version__
+from bids_cl.config import RunConfig
+from bids_cl.errors import (
+    EXIT_CANNOT_CREATE_OUTPUT,
+    EXIT_FAILURE,
+    EXIT_OK,
+    BidsClError,
+)
+
+LOGGER = logging.getLogger("bids_cl")
+
+
+def _setup_logging(verbose: int, log_file: Path) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING if verbose == 0 else logging.INFO if verbose == 1
+                     else logging.DEBUG)
+    console.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s",
+                                           "%H:%M:%S"))
+    root.addHandler(console)
+    file_handler = logging.FileHandler(log_file)
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    root.addHandler(file_handler)
+    # Nipype and friends are chatty: keep their detail in the log file only.
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils", "bids", "nnunetv2"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose < 2 else logging.DEBUG)
+
+
+def _early_log_file() -> Path:
+    fd, name = tempfile.mkstemp(prefix="bids_cl-", suffix=".log")
+    os.close(fd)
+    return Path(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bids_cl`` console script; returns the process exit code."""
+    os.environ.setdefault("NIPYPE_NO_ET", "1")  # no telemetry DNS lookup on offline nodes
+    os.environ.setdefault("NO_ET", "1")
+    log_file = _early_log_file()
+    verbose = sum(a.count("v") for a in (argv or sys.argv[1:]) if a.startswith("-v")
+                  or a == "--verbose")
+    _setup_logging(verbose, log_file)
+    try:
+        from bids_cl.cli.parser import parse_args
+
+        config = parse_args(argv)
+        LOGGER.debug("bids_cl %s, configuration:\n%s", __version__, config.to_toml())
+        return _run(config, log_file)
+    except BidsClError as exc:
+        LOGGER.debug("exit %s: %s", exc.code, exc.message, exc_info=True)
+        print(f"bids_cl: error: {exc.message}", file=sys.stderr)
+        return exc.code
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    except KeyboardInterrupt:
+        print("bids_cl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the last line of defence: a sentence, never a bare traceback
+        with open(log_file, "a") as handle:
+            traceback.print_exc(file=handle)
+        print(
+            f"bids_cl: error: unexpected {type(exc).__name__}: {exc} (details: {log_file})",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+
+
+def _run(config: RunConfig, log_file: Path) -> int:
+    config.apply_environment()
+    if config.analysis_level == "group":
+        return _run_group(config)
+    return _run_participant(config, log_file)
+
+
+def _plan(config: RunConfig) -> list:
+    from bids_cl.utils.bids import (
+        check_output_locations,
+        discover,
+        make_layout,
+        validate_dataset,
+    )
+
+    check_output_locations(config.bids_dir, config.output_dir,
+                           None if config.dry_run else config.work_dir)
+    validation = validate_dataset(config.bids_dir, skip=config.skip_bids_validation)
+    LOGGER.info("BIDS validation: %s", validation)
+    layout = make_layout(config.bids_dir, config.bids_database_dir)
+    items = discover(
+        layout,
+        participant_label=config.participant_label,
+        session_label=config.session_label,
+        bids_filters=config.bids_filters,
+    )
+    for item in items:
+        LOGGER.info("discovered: %s", json.dumps(item.to_dict()))
+    return items
+
+
+def _run_participant(config: RunConfig, log_file: Path) -> int:
+    items = _plan(config)
+    if config.dry_run:
+        for item in items:
+            print(json.dumps(item.to_dict(), sort_keys=False))
+        return EXIT_OK
+
+    usable = [i for i in items if i.problem is None]
+    if not usable:
+        first = items[0]
+        raise BidsClError(
+            first.problem if len(items) == 1 else
+            f"no usable input: {first.problem} (and {len(items) - 1} more problem(s))",
+            first.problem_code or EXIT_FAILURE,
+        )
+    _make_output_dir(config.output_dir)
+    if config.reports_only:
+        from bids_cl.reports import generate_reports
+
+        generate_reports(config.output_dir, sorted({i.participant for i in items}))
+        return EXIT_OK
+
+    from bids_cl.workflows.base import run_participants
+
+    return run_participants(config, items, log_file=log_file)
+
+
+def _run_group(config: RunConfig) -> int:
+    if not config.output_dir.is_dir():
+        raise BidsClError(
+            f"{config.output_dir} does not exist: run the participant level first", 66
+        )
+    from bids_cl.group import run_group_level
+
+    result = run_group_level(config.bids_dir, config.output_dir,
+                             participant_labels=config.participant_label)
+    print(f"bids_cl group: {getattr(result, 'summary', result)}")
+    return EXIT_OK
+
+
+def _make_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".bids_cl-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise BidsClError(
+            f"cannot create the output directory {path}: {exc.strerror or exc}",
+            EXIT_CANNOT_CREATE_OUTPUT,
+        ) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""The run configuration: one object that the parser fills and the workflow reads.
+
+It is saved as TOML next to every participant's outputs (``sub-X/log/<run_uuid>/bids_cl.toml``) so a run
+can be inspected and repeated exactly (``--config-file``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+DEFAULT_OUTPUT_SPACES = ["MNI152NLin2009aSym"]
+ANALYSIS_LEVELS = ("participant", "group")
+SKULL_STRIP_CHOICES = ("auto", "synthstrip", "deepbet", "inv2", "ants", "none")
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+CONNECTIVITY_CHOICES = (6, 18, 26)
+
+
+def _new_run_uuid() -> str:
+    # Sortable by time, unique across concurrent array tasks writing into one output folder.
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}_{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class RunConfig:
+    """Every setting of one bids_cl invocation (paths are absolute once parsed)."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str = "participant"
+    # BIDS selection
+    participant_label: list[str] | None = None
+    session_label: list[str] | None = None
+    bids_filters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bids_filter_file: Path | None = None
+    bids_database_dir: Path | None = None
+    skip_bids_validation: bool = False
+    # execution
+    work_dir: Path = field(default_factory=lambda: Path.cwd() / "work")
+    nprocs: int | None = None
+    omp_nthreads: int | None = None
+    mem_mb: int | None = None
+    use_plugin: Path | None = None
+    plugin: str = "MultiProc"
+    plugin_args: dict[str, Any] = field(default_factory=dict)
+    dry_run: bool = False
+    reports_only: bool = False
+    verbose: int = 0
+    random_seed: int = 20250716
+    # segmentation
+    device: str = "auto"
+    model: str = "auto"
+    folds: list[int] | None = None
+    disable_tta: bool = False
+    threshold: float = 0.5
+    min_lesion_size: str | None = None
+    connectivity: int = 26
+    # preprocessing
+    skull_strip: str = "auto"
+    synthstrip_model: Path | None = None
+    output_spaces: list[str] = field(default_factory=lambda: list(DEFAULT_OUTPUT_SPACES))
+    # bookkeeping
+    run_uuid: str = field(default_factory=_new_run_uuid)
+    version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON/TOML-friendly dict (paths as strings, None values kept)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = _plain(value)
+        return out
+
+    def to_toml(self) -> str:
+        """TOML text of this configuration; unset (None) options are written as comments."""
+        return dict_to_toml({"bids_cl": self.to_dict()})
+
+    def save(self, path: Path) -> Path:
+        from bids_cl.utils.io import atomic_write_text
+
+        return atomic_write_text(Path(path), self.to_toml())
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                continue
+            if value is not None and key in _PATH_FIELDS:
+                value = Path(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+        return cls.from_dict(data.get("bids_cl", data))
+
+    def environment(self) -> dict[str, str]:
+        """Environment variables that every process of this run should see."""
+        env = {"NIPYPE_NO_ET": "1", "NO_ET": "1"}
+        if self.omp_nthreads:
+            env["OMP_NUM_THREADS"] = str(self.omp_nthreads)
+            env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.omp_nthreads)
+        env["ANTS_RANDOM_SEED"] = str(self.random_seed)
+        return env
+
+    def apply_environment(self) -> None:
+        os.environ.update(self.environment())
+
+
+_PATH_FIELDS = {
+    "bids_dir",
+    "output_dir",
+    "bids_filter_file",
+    "bids_database_dir",
+    "work_dir",
+    "use_plugin",
+    "synthstrip_model",
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(
+            f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None
+        )
+        return "{ " + items + " }" if items else "{}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
+def dict_to_toml(sections: dict[str, dict[str, Any]]) -> str:
+    """Write ``{section: {key: value}}`` as TOML (enough for our flat configuration)."""
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""bids_cl.evaluation."""

@@ -1,0 +1,83 @@
+"""Atomic file writing: a killed run never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: Path, writer: Callable[[Path], None], *, suffix: str = "") -> Path:
+    """Call ``writer(tmp_path)`` then rename the temporary file onto ``path``.
+
+    The temporary file lives in the destination folder so the final ``os.replace`` is a same-filesystem
+    rename (atomic on POSIX); concurrent writers of *different* files never collide because each temp
+    name is unique.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or _suffix(path),
+                                    dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _suffix(path: Path) -> str:
+    # Keep the real extension so writers that infer the format from it (nibabel) behave.
+    name = path.name
+    for ext in (".nii.gz", ".tsv.gz"):
+        if name.endswith(ext):
+            return ext
+    return path.suffix
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any) -> Path:
+    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
+    return atomic_write_text(path, text)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def atomic_save_nifti(img: Any, path: Path) -> Path:
+    """Save a nibabel image atomically, with a deterministic gzip header (no timestamp)."""
+    import gzip
+    import shutil
+
+    path = Path(path)
+
+    def _write(tmp: Path) -> None:
+        if path.name.endswith(".gz"):
+            raw = tmp.with_name(tmp.name[: -len(".gz")])
+            img.to_filename(str(raw))
+            with open(raw, "rb") as src, open(tmp, "wb") as dst:
+                # mtime=0 and no file name in the header: byte-identical reruns.
+                with gzip.GzipFile(filename="", mode="wb", fileobj=dst, mtime=0) as gz:
+                    shutil.copyfileobj(src, gz)
+            raw.unlink()
+        else:
+            img.to_filename(str(tmp))
+
+    return atomic_write(path, _write)

@@ -1,0 +1,175 @@
+"""The real command line, in a subprocess: parsing, dry runs and every exit code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, write_bids
+
+from bids_cl import __version__
+from bids_cl.cli.parser import parse_args
+from bids_cl.config import RunConfig
+from bids_cl.errors import BidsClError
+from bids_cl.utils.bids import find_bids_validator
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_version_and_help() -> None:
+    proc = run_cli("--version")
+    assert proc.returncode == 0
+    assert __version__ in proc.stdout
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for option in ("--participant-label", "--bids-filter-file", "--skull-strip", "--dry-run",
+                   "--connectivity", "--min-lesion-size", "--output-spaces", "--use-plugin"):
+        assert option in proc.stdout
+
+
+def test_dry_run_prints_plan_and_writes_nothing(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    before = _snapshot(mp2rage_dataset)
+    out = tmp_path / "out"
+    proc = run_cli(mp2rage_dataset, out, "participant", "--dry-run", "--skip-bids-validation",
+                   "--participant-label", "sub-01", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.strip().splitlines()
+    plan = json.loads(line)
+    assert plan["participant"] == "01"
+    assert plan["sequence"] == "MP2RAGE"
+    assert plan["inv2"].endswith("_inv-2_part-mag_MP2RAGE.nii.gz")
+    assert plan["evidence"]
+    assert not out.exists()
+    assert not (tmp_path / "work").exists()
+    assert _snapshot(mp2rage_dataset) == before
+
+
+def test_exit_64_usage(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    proc = run_cli(mp2rage_dataset, tmp_path / "out", "participant", "--connectivity", "5")
+    assert proc.returncode == 64
+    assert proc.stderr.strip().startswith("bids_cl: error:")
+    assert "Traceback" not in proc.stderr
+    proc = run_cli(mp2rage_dataset, mp2rage_dataset / "out", "participant", "--dry-run")
+    assert proc.returncode == 64  # output inside the input dataset
+
+
+def test_exit_17_unknown_level(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    proc = run_cli(mp2rage_dataset, tmp_path / "out", "session")
+    assert proc.returncode == 17
+    assert "unknown analysis level" in proc.stderr
+
+
+def test_exit_16_validation(tmp_path: Path) -> None:
+    root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": None})
+    (root / "dataset_description.json").unlink()
+    proc = run_cli(root, tmp_path / "out", "participant", "--dry-run")
+    assert proc.returncode == 16
+    assert "dataset_description.json" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(find_bids_validator() is None,
+                    reason="the full BIDS validator is not installed")
+def test_exit_16_full_validator(tmp_path: Path) -> None:
+    root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": None})
+    (root / "sub-01" / "anat" / "sub-01_notasuffix.nii.gz").write_bytes(b"x")
+    proc = run_cli(root, tmp_path / "out", "participant", "--dry-run")
+    assert proc.returncode == 16, proc.stderr
+    proc = run_cli(root, tmp_path / "out", "participant", "--dry-run", "--skip_bids_validation")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_exit_18_labels_and_filters(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    proc = run_cli(mp2rage_dataset, tmp_path / "out", "participant", "--dry-run",
+                   "--skip-bids-validation", "--participant_label", "07")
+    assert proc.returncode == 18
+    assert "sub-07" in proc.stderr
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"uni": {"acquisition": "nope"}, "t1w": {"run": 9}}))
+    proc = run_cli(mp2rage_dataset, tmp_path / "out", "participant", "--dry-run",
+                   "--skip-bids-validation", "--bids-filter-file", filters)
+    assert proc.returncode == 18
+    proc = run_cli(mp2rage_dataset, tmp_path / "out", "participant", "--dry-run",
+                   "--skip-bids-validation", "--session-label", "ses-09")
+    assert proc.returncode == 18
+
+
+def test_exit_65_empty_image(tmp_path: Path) -> None:
+    root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": {"__empty__": True}})
+    proc = run_cli(root, tmp_path / "out", "participant", "--skip-bids-validation",
+                   "-w", tmp_path / "work", cwd=tmp_path)
+    assert proc.returncode == 65, proc.stderr
+    assert "0-byte" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_exit_65_four_d_image(tmp_path: Path) -> None:
+    root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": None})
+    from conftest import write_nifti
+
+    write_nifti(root / "sub-01/anat/sub-01_T1w.nii.gz", shape=(8, 8, 8, 3))
+    proc = run_cli(root, tmp_path / "out", "participant", "--skip-bids-validation",
+                   "-w", tmp_path / "work")
+    assert proc.returncode == 65
+    assert "4-D" in proc.stderr
+
+
+def test_exit_66_no_t1_weighted_image(tmp_path: Path) -> None:
+    root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_FLAIR.nii.gz": None})
+    proc = run_cli(root, tmp_path / "out", "participant", "--skip-bids-validation", "--dry-run")
+    assert proc.returncode == 66
+    assert "no T1-weighted image" in proc.stderr
+
+
+def test_exit_73_cannot_create_output(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = run_cli(mp2rage_dataset, blocker / "out", "participant", "--skip-bids-validation",
+                   "-w", tmp_path / "work")
+    assert proc.returncode == 73, proc.stderr
+    assert "cannot create the output directory" in proc.stderr
+
+
+def test_parse_args_fills_config(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    config = parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant",
+                         "--participant-label", "sub-01", "02", "--folds", "0", "1",
+                         "--min-lesion-size", "3uL", "--connectivity", "18",
+                         "--output-spaces", "native", "--nprocs", "2", "--omp-nthreads", "1",
+                         "--device", "cpu", "--disable-tta"])
+    assert config.participant_label == ["01", "02"]
+    assert config.folds == [0, 1]
+    assert config.min_lesion_size == "3uL"
+    assert config.connectivity == 18
+    assert config.output_spaces == []
+    assert (config.nprocs, config.omp_nthreads) == (2, 1)
+    saved = config.save(tmp_path / "bids_cl.toml")
+    again = RunConfig.load(saved)
+    assert again.to_dict() == config.to_dict()
+
+
+def test_config_file_reloads_and_cli_overrides(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    first = parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant",
+                        "--threshold", "0.3", "--connectivity", "6"])
+    path = first.save(tmp_path / "run.toml")
+    second = parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant",
+                         "--config-file", str(path), "--connectivity", "26"])
+    assert second.threshold == 0.3
+    assert second.connectivity == 26
+
+
+def test_plugin_file(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: Linear\nplugin_args: {}\n")
+    config = parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant",
+                         "--use-plugin", str(plugin)])
+    assert config.plugin == "Linear"
+    plugin.write_text("plugin_args: {}\n")
+    with pytest.raises(BidsClError) as err:
+        parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant",
+                    "--use-plugin", str(plugin)])
+    assert err.value.code == 64
