@@ -55,6 +55,7 @@ class RunConfig:
     reports_only: bool = False
     verbose: int = 0
     random_seed: int = 20250716
+    sloppy: bool = False
     # segmentation
     device: str = "auto"
     model: str = "auto"

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config-file", type=Path, metavar="TOML",
                    help="reload a previous run's bids_cl.toml (command-line options override)")
     g.add_argument("--random-seed", type=int, default=20250716, help="seed for ANTs and torch")
+    g.add_argument("--sloppy", action="store_true",
+                   help="testing only: coarse, fast registration (never for real analyses)")
     g.add_argument("-v", "--verbose", action="count", default=0,
                    help="more output (-v: the discovery record; -vv: debug)")
 
@@ -193,6 +195,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         reports_only=args.reports_only,
         verbose=args.verbose,
         random_seed=args.random_seed,
+        sloppy=args.sloppy,
         device=args.device,
         model=args.model,
         folds=args.folds,

@@ -1,1 +1,208 @@
-"""bids_cl.interfaces."""
+"""Thin Nipype interfaces over the plain functions in :mod:`bids_cl.interfaces.steps`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from bids_cl.config import SKULL_STRIP_CHOICES
+from bids_cl.interfaces import steps
+
+
+def _opt(value):
+    return value if isdefined(value) else None
+
+
+class _SkullStripInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="T1-weighted image to strip")
+    inv2_file = File(exists=True, desc="MP2RAGE second inversion (mask source for inv2/auto)")
+    strategy = traits.Enum(*SKULL_STRIP_CHOICES, usedefault=True)
+    synthstrip_model = File(exists=True, desc="SynthStrip weights")
+    is_mp2rage = traits.Bool(False, usedefault=True)
+    nthreads = traits.Int(1, usedefault=True)
+
+
+class _SkullStripOutputSpec(TraitedSpec):
+    out_brain = File(exists=True)
+    out_mask = File(exists=True)
+    out_info = File(exists=True, desc="JSON: strategy, detail, warnings, seconds")
+
+
+class SkullStrip(SimpleInterface):
+    """Skull stripping with the strategy the user chose (see bids_cl.preproc.skull_strip)."""
+
+    input_spec = _SkullStripInputSpec
+    output_spec = _SkullStripOutputSpec
+
+    def _run_interface(self, runtime):
+        files = steps.skull_strip_files(
+            self.inputs.in_file, runtime.cwd, inv2_file=_opt(self.inputs.inv2_file),
+            strategy=self.inputs.strategy, synthstrip_model=_opt(self.inputs.synthstrip_model),
+            is_mp2rage=self.inputs.is_mp2rage, nthreads=self.inputs.nthreads,
+        )
+        self._results.update(out_brain=files["brain"], out_mask=files["mask"],
+                             out_info=files["info"])
+        return runtime
+
+
+class _SegmentInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="skull-stripped T1-weighted image")
+    mask_file = File(exists=True, desc="brain mask (tiles outside it are skipped)")
+    model = traits.Str(mandatory=True, desc="registry name or model path")
+    device = traits.Enum("auto", "cuda", "cpu", usedefault=True)
+    folds = traits.Either(None, traits.List(traits.Int), default=None, usedefault=True)
+    tta = traits.Either(None, traits.Bool, default=None, usedefault=True)
+    threshold = traits.Float(0.5, usedefault=True)
+    min_lesion_size = traits.Either(None, traits.Str, default=None, usedefault=True)
+    connectivity = traits.Enum(26, 18, 6, usedefault=True)
+    nthreads = traits.Int(1, usedefault=True)
+    # Nipype's MultiProc counts a node as GPU work when its interface sets use_gpu: one GPU is then
+    # never shared by two segmentation nodes (n_gpu_procs).
+    use_gpu = traits.Bool(False, usedefault=True)
+
+
+class _SegmentOutputSpec(TraitedSpec):
+    out_probseg = File(exists=True)
+    out_mask = File(exists=True)
+    out_lesions = File(exists=True)
+    out_info = File(exists=True)
+
+
+class Segment(SimpleInterface):
+    """nnU-Net v2 cortical lesion segmentation (bids_cl.engine.segment)."""
+
+    input_spec = _SegmentInputSpec
+    output_spec = _SegmentOutputSpec
+
+    def _run_interface(self, runtime):
+        files = steps.segment_files(
+            self.inputs.in_file, runtime.cwd, model=self.inputs.model,
+            mask_file=_opt(self.inputs.mask_file), device=self.inputs.device,
+            folds=self.inputs.folds, tta=self.inputs.tta, threshold=self.inputs.threshold,
+            min_lesion_size=self.inputs.min_lesion_size,
+            connectivity=int(self.inputs.connectivity), nthreads=self.inputs.nthreads,
+        )
+        self._results.update(out_probseg=files["probseg"], out_mask=files["mask"],
+                             out_lesions=files["lesions"], out_info=files["info"])
+        return runtime
+
+
+class _RegisterInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="skull-stripped T1-weighted image")
+    space = traits.Str(mandatory=True)
+    seed = traits.Int(mandatory=True)
+    nthreads = traits.Int(1, usedefault=True)
+    sloppy = traits.Bool(False, usedefault=True)
+
+
+class _RegisterOutputSpec(TraitedSpec):
+    out_xfm = File(exists=True, desc="composite T1w -> template transform (.h5)")
+    out_info = File(exists=True)
+
+
+class RegisterToTemplate(SimpleInterface):
+    """antspyx affine + SyN registration to a TemplateFlow template (fixed seed)."""
+
+    input_spec = _RegisterInputSpec
+    output_spec = _RegisterOutputSpec
+
+    def _run_interface(self, runtime):
+        files = steps.register_files(self.inputs.in_file, runtime.cwd, space=self.inputs.space,
+                                     seed=self.inputs.seed, nthreads=self.inputs.nthreads,
+                                     sloppy=self.inputs.sloppy)
+        self._results.update(out_xfm=files["xfm"], out_info=files["info"])
+        return runtime
+
+
+class _ToTemplateInputSpec(BaseInterfaceInputSpec):
+    mask_file = File(exists=True, mandatory=True)
+    probseg_file = File(exists=True, mandatory=True)
+    lesions_file = File(exists=True, mandatory=True)
+    registration_info = File(exists=True, mandatory=True)
+
+
+class _ToTemplateOutputSpec(TraitedSpec):
+    out_mask = File(exists=True)
+    out_probseg = File(exists=True)
+    out_lesions = File(exists=True)
+
+
+class ResampleToTemplate(SimpleInterface):
+    """Lesion mask (nearest) and probability (linear) in template space, plus template coords."""
+
+    input_spec = _ToTemplateInputSpec
+    output_spec = _ToTemplateOutputSpec
+
+    def _run_interface(self, runtime):
+        files = steps.to_template_files(self.inputs.mask_file, self.inputs.probseg_file,
+                                        self.inputs.lesions_file, self.inputs.registration_info,
+                                        runtime.cwd)
+        self._results.update(out_mask=files["mask"], out_probseg=files["probseg"],
+                             out_lesions=files["lesions"])
+        return runtime
+
+
+class _DerivativesInputSpec(BaseInterfaceInputSpec):
+    output_dir = traits.Str(mandatory=True)
+    bids_dir = traits.Str(mandatory=True)
+    item = traits.Dict(mandatory=True, desc="the WorkItem of this target")
+    brain = File(exists=True, mandatory=True)
+    brain_mask = File(exists=True, mandatory=True)
+    skullstrip_info = File(exists=True, mandatory=True)
+    probseg = File(exists=True, mandatory=True)
+    lesion_mask = File(exists=True, mandatory=True)
+    lesions = File(exists=True, mandatory=True)
+    segment_info = File(exists=True, mandatory=True)
+    spaces = traits.List(traits.Str, value=[], usedefault=True)
+    template_masks = traits.List(File(exists=True), value=[], usedefault=True)
+    template_probsegs = traits.List(File(exists=True), value=[], usedefault=True)
+    template_xfms = traits.List(File(exists=True), value=[], usedefault=True)
+    template_lesions = traits.List(File(exists=True), value=[], usedefault=True)
+
+
+class _DerivativesOutputSpec(TraitedSpec):
+    out_files = traits.List(File(exists=True))
+    out_summary = File(exists=True)
+
+
+class WriteDerivatives(SimpleInterface):
+    """Write one target's derivatives through bids_cl.workflows.outputs (always runs: cheap, and a
+    rerun after outputs were deleted must restore them)."""
+
+    input_spec = _DerivativesInputSpec
+    output_spec = _DerivativesOutputSpec
+    always_run = True
+
+    def _run_interface(self, runtime):
+        from bids_cl.utils.bids import WorkItem
+        from bids_cl.workflows.outputs import write_target_derivatives
+
+        templates = {
+            space: {"mask": m, "probseg": p, "xfm": x, "lesions_tsv": t}
+            for space, m, p, x, t in zip(self.inputs.spaces, self.inputs.template_masks,
+                                         self.inputs.template_probsegs, self.inputs.template_xfms,
+                                         self.inputs.template_lesions, strict=True)
+        }
+        written = write_target_derivatives(
+            Path(self.inputs.output_dir), Path(self.inputs.bids_dir),
+            WorkItem.from_dict(self.inputs.item),
+            brain=self.inputs.brain, brain_mask=self.inputs.brain_mask,
+            skullstrip_info=json.loads(Path(self.inputs.skullstrip_info).read_text()),
+            probseg=self.inputs.probseg, lesion_mask=self.inputs.lesion_mask,
+            lesions_tsv=self.inputs.lesions,
+            segment_info=json.loads(Path(self.inputs.segment_info).read_text()),
+            templates=templates,
+        )
+        self._results["out_files"] = [os.fspath(p) for p in written]
+        self._results["out_summary"] = os.fspath(written[-1])
+        return runtime

@@ -1,0 +1,160 @@
+"""Plain, file-level functions behind the Nipype interfaces (unit-testable without Nipype).
+
+Each takes input paths and an output folder, calls the numeric code in ``bids_cl.preproc`` /
+``bids_cl.engine``, and writes its results as files whose names the interfaces return.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import pandas as pd
+
+from bids_cl.errors import BidsClError
+from bids_cl.utils.io import atomic_save_nifti, atomic_write_json, atomic_write_text
+
+
+class StepError(RuntimeError):
+    """A BidsClError crossing the Nipype process boundary: its exit code travels in the text."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(f"[exit {code}] {message}")
+        self.code = code
+
+
+def _checked(func: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return func(*args, **kwargs)
+    except BidsClError as exc:
+        raise StepError(exc.message, exc.code) from exc
+
+
+def skull_strip_files(
+    in_file: str, out_dir: str, *, inv2_file: str | None = None, strategy: str = "auto",
+    synthstrip_model: str | None = None, is_mp2rage: bool = False, nthreads: int = 1,
+) -> dict[str, str]:
+    """Skull-strip ``in_file``; write brain, mask and an info JSON into ``out_dir``."""
+    from bids_cl.preproc import skull_strip
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    t1w = nib.load(in_file)
+    inv2 = nib.load(inv2_file) if inv2_file else None
+    result = _checked(
+        skull_strip, t1w, strategy=strategy, inv2_img=inv2,
+        synthstrip_model=synthstrip_model, nthreads=nthreads, is_mp2rage=is_mp2rage,
+    )
+    brain = atomic_save_nifti(result.brain, out / "brain.nii.gz")
+    mask = atomic_save_nifti(result.mask, out / "brain_mask.nii.gz")
+    info = {
+        "strategy": result.strategy,
+        "detail": result.detail,
+        "warnings": list(result.warnings),
+        "used_inv2": bool(inv2_file) and "inv2" in str(result.strategy).lower(),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    info_path = atomic_write_json(out / "skullstrip.json", info)
+    return {"brain": str(brain), "mask": str(mask), "info": str(info_path)}
+
+
+def segment_files(
+    brain_file: str, out_dir: str, *, model: str, mask_file: str | None = None,
+    device: str = "auto", folds: list[int] | None = None, tta: bool | None = None,
+    threshold: float = 0.5, min_lesion_size: str | None = None, connectivity: int = 26,
+    nthreads: int | None = None,
+) -> dict[str, str]:
+    """Run the nnU-Net engine on a skull-stripped image; write probseg, mask, table, info."""
+    from bids_cl.engine import load_model, segment
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    cl_model = _checked(load_model, model)
+    result = _checked(
+        segment, brain_file, cl_model, device=device, folds=folds, tta=tta,
+        threshold=threshold, min_lesion_size=min_lesion_size, connectivity=connectivity,
+        nthreads=nthreads, brain_mask=mask_file,
+    )
+    probseg = atomic_save_nifti(result.probability, out / "probseg.nii.gz")
+    lesion_mask = atomic_save_nifti(result.mask, out / "lesion_mask.nii.gz")
+    lesions_tsv = atomic_write_text(out / "lesions.tsv",
+                                    result.lesions.to_csv(sep="\t", index=False))
+    summary = dict(result.summary)
+    info = {
+        "summary": summary,
+        "provenance": result.provenance,
+        "folds": summary.get("Folds", folds),
+        "tta": summary.get("TTA", tta),
+        "device": summary.get("Device", device),
+        "threshold": threshold,
+        "connectivity": connectivity,
+        "min_lesion_size": min_lesion_size,
+        "warnings": [w for w in [summary.get("OODWarning")] if w] + list(summary.get("Warnings", [])),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    info_path = atomic_write_json(out / "segment.json", info)
+    return {"probseg": str(probseg), "mask": str(lesion_mask), "lesions": str(lesions_tsv),
+            "info": str(info_path)}
+
+
+def register_files(brain_file: str, out_dir: str, *, space: str, seed: int, nthreads: int = 1,
+                   sloppy: bool = False) -> dict[str, str]:
+    """Register the skull-stripped image to a template; write the composite transform."""
+    from bids_cl.preproc import get_template, register_to_template
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    template = _checked(get_template, space)
+    result = _checked(
+        register_to_template, nib.load(brain_file), nib.load(str(template.t1w)),
+        template_mask=nib.load(str(template.mask)) if template.mask else None,
+        seed=seed, nthreads=nthreads, out_prefix=str(out / "reg_"), sloppy=sloppy,
+    )
+    info = {
+        "space": space,
+        "template": str(template.t1w),
+        "template_source": template.source,
+        "forward_transforms": [str(p) for p in result.forward_transforms],
+        "inverse_transforms": [str(p) for p in result.inverse_transforms],
+        "composite": str(result.composite_h5),
+        "metrics": getattr(result, "metrics", {}),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    info_path = atomic_write_json(out / "registration.json", info)
+    return {"xfm": str(result.composite_h5), "info": str(info_path)}
+
+
+def to_template_files(mask_file: str, probseg_file: str, lesions_tsv: str, registration_info: str,
+                      out_dir: str) -> dict[str, str]:
+    """Warp lesion mask (nearest) and probability (linear) to the template; add template coords."""
+    from bids_cl.preproc import apply_to_template, points_to_template
+    from bids_cl.preproc.registration import RegistrationResult
+
+    out = Path(out_dir)
+    info = json.loads(Path(registration_info).read_text())
+    result = RegistrationResult.from_files(
+        forward_transforms=info["forward_transforms"],
+        inverse_transforms=info["inverse_transforms"],
+        composite_h5=info["composite"],
+    )
+    template = nib.load(info["template"])
+    warped_mask = apply_to_template(nib.load(mask_file), result, template,
+                                    interpolation="nearestNeighbor")
+    warped_prob = apply_to_template(nib.load(probseg_file), result, template,
+                                    interpolation="linear")
+    mask_path = atomic_save_nifti(warped_mask, out / "template_mask.nii.gz")
+    prob_path = atomic_save_nifti(warped_prob, out / "template_probseg.nii.gz")
+    lesions = pd.read_csv(lesions_tsv, sep="\t")
+    if len(lesions):
+        xyz = lesions[["centroid_x", "centroid_y", "centroid_z"]].to_numpy(dtype=float)
+        coords = points_to_template(xyz, result)
+        lesions["template_x"], lesions["template_y"], lesions["template_z"] = coords.T
+    else:
+        for c in ("template_x", "template_y", "template_z"):
+            lesions[c] = pd.Series(dtype=float)
+    tsv = atomic_write_text(out / "lesions_template.tsv",
+                            lesions.to_csv(sep="\t", index=False))
+    return {"mask": str(mask_path), "probseg": str(prob_path), "lesions": str(tsv)}

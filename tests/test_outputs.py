@@ -1,0 +1,123 @@
+"""The derivatives writer: names, sidecars, atomicity and determinism (no model needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from bids_cl.config import RunConfig
+from bids_cl.utils.bids import WorkItem
+from bids_cl.utils.io import atomic_write
+from bids_cl.workflows import outputs
+from bids_cl.workflows.base import init_bids_cl_wf
+
+
+def _item(tmp_path: Path) -> WorkItem:
+    target = tmp_path / "bids" / "sub-01" / "ses-02" / "anat" / "sub-01_ses-02_UNIT1.nii.gz"
+    target.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(target))
+    return WorkItem(participant="01", session="02", target=str(target), target_suffix="UNIT1",
+                    entities={"subject": "01", "session": "02"}, prefix="sub-01_ses-02",
+                    sequence="MP2RAGE", evidence=["suffix UNIT1"], field_strength=7.0)
+
+
+def _inputs(tmp_path: Path) -> dict[str, str]:
+    work = tmp_path / "node"
+    work.mkdir()
+    affine = np.diag([0.75, 0.75, 0.75, 1.0])
+    brain = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    lesion = np.zeros((8, 8, 8), np.uint8)
+    lesion[2:4, 2:4, 2:4] = 1
+    files = {}
+    for name, data in {"brain": brain, "mask": (brain > 0.1).astype(np.uint8),
+                       "prob": lesion.astype(np.float32) * 0.9, "lesion": lesion}.items():
+        files[name] = str(work / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(data, affine), files[name])
+    table = pd.DataFrame({"lesion_id": [1], "voxels": [8], "volume_ul": [8 * 0.421875],
+                          "mean_prob": [0.9], "max_prob": [0.9], "uncertainty": [0.0]})
+    files["tsv"] = str(work / "lesions.tsv")
+    table.to_csv(files["tsv"], sep="\t", index=False)
+    return files
+
+
+def test_write_target_derivatives_names_and_sidecars(tmp_path: Path) -> None:
+    item = _item(tmp_path)
+    files = _inputs(tmp_path)
+    out = tmp_path / "out"
+    outputs.write_dataset_description(out, tmp_path / "bids", {"name": "demo"})
+    written = outputs.write_target_derivatives(
+        out, tmp_path / "bids", item, brain=files["brain"], brain_mask=files["mask"],
+        skullstrip_info={"strategy": "inv2", "detail": "deepbet on INV2", "warnings": ["w"]},
+        probseg=files["prob"], lesion_mask=files["lesion"], lesions_tsv=files["tsv"],
+        segment_info={"provenance": {"name": "demo", "warning": "phantoms"}, "threshold": 0.5,
+                      "connectivity": 26, "summary": {"OODWarning": None}},
+    )
+    anat = out / "sub-01" / "ses-02" / "anat"
+    names = sorted(p.name for p in anat.iterdir())
+    assert names == sorted([
+        "sub-01_ses-02_desc-brain_mask.nii.gz", "sub-01_ses-02_desc-brain_mask.json",
+        "sub-01_ses-02_desc-preproc_T1w.nii.gz", "sub-01_ses-02_desc-preproc_T1w.json",
+        "sub-01_ses-02_label-CL_probseg.nii.gz", "sub-01_ses-02_label-CL_probseg.json",
+        "sub-01_ses-02_label-CL_mask.nii.gz", "sub-01_ses-02_label-CL_mask.json",
+        "sub-01_ses-02_label-CL_desc-lesions_stats.tsv",
+        "sub-01_ses-02_label-CL_desc-lesions_stats.json",
+        "sub-01_ses-02_label-CL_desc-summary_stats.json",
+    ])
+    assert written[-1].name.endswith("summary_stats.json")
+    mask_meta = json.loads((anat / "sub-01_ses-02_label-CL_mask.json").read_text())
+    assert mask_meta["Type"] == "Lesion"
+    assert mask_meta["Sources"][0] == "bids:raw:sub-01/ses-02/anat/sub-01_ses-02_UNIT1.nii.gz"
+    assert json.loads((anat / "sub-01_ses-02_desc-preproc_T1w.json").read_text())["SkullStripped"]
+    summary = json.loads((anat / "sub-01_ses-02_label-CL_desc-summary_stats.json").read_text())
+    assert summary["LesionCount"] == 1
+    assert summary["FieldStrength"] == 7.0
+    assert summary["Sequence"] == "MP2RAGE"
+    mask = nib.load(anat / "sub-01_ses-02_label-CL_mask.nii.gz")
+    assert mask.get_data_dtype() == np.uint8
+    assert np.allclose(mask.affine, np.diag([0.75, 0.75, 0.75, 1.0]))
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "bids_cl"
+    # Deterministic: writing again gives the same bytes (gzip without a timestamp).
+    before = {p.name: p.read_bytes() for p in anat.iterdir()}
+    outputs.write_target_derivatives(
+        out, tmp_path / "bids", item, brain=files["brain"], brain_mask=files["mask"],
+        skullstrip_info={"strategy": "inv2", "detail": "deepbet on INV2", "warnings": ["w"]},
+        probseg=files["prob"], lesion_mask=files["lesion"], lesions_tsv=files["tsv"],
+        segment_info={"provenance": {"name": "demo", "warning": "phantoms"}, "threshold": 0.5,
+                      "connectivity": 26, "summary": {"OODWarning": None}},
+    )
+    assert {p.name: p.read_bytes() for p in anat.iterdir()} == before
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "x.json"
+    target.write_text("old")
+
+    def broken(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise KeyboardInterrupt  # as if the run were killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, broken)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_workflow_graph_has_a_branch_per_session_and_target(tmp_path: Path) -> None:
+    item = _item(tmp_path)
+    second = WorkItem.from_dict({**item.to_dict(), "session": "03", "prefix": "sub-01_ses-03"})
+    config = RunConfig(bids_dir=tmp_path / "bids", output_dir=tmp_path / "out",
+                       work_dir=tmp_path / "work", model="demo")
+    workflow = init_bids_cl_wf(config, [item, second])
+    names = {node.name for node in workflow._graph.nodes()}  # noqa: SLF001 - nipype internals
+    assert names == {"single_subject_01_wf"}
+    flat = {n.fullname for n in workflow._get_all_nodes()}  # noqa: SLF001
+    assert any("target_sub_01_ses_02_wf.segment" in n for n in flat)
+    assert any("target_sub_01_ses_03_wf.segment" in n for n in flat)
+    assert any("template_wf.register" in n for n in flat)
