@@ -1,0 +1,368 @@
+"""The participant report: ``out_dir/sub-<label>.html`` with figures in ``sub-<label>/figures/``.
+
+In the spirit of fMRIPrep's reports, built only from the derivatives (so ``--reports-only`` can rebuild
+it at any time): one section per target image with the brain-mask check, the registration check, a
+mosaic of the detected lesions and the lesion table, then what was run and the errors of failed
+targets. Every figure is drawn inside its own ``try``: a figure that cannot be drawn becomes a message
+in the page, never a missing report.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import pandas as pd
+
+from bids_cl import __version__
+from bids_cl.reports import figures as figs
+from bids_cl.reports.collect import (
+    Crash,
+    TargetOutputs,
+    collect_crashes,
+    collect_targets,
+    latest_run_dir,
+    model_name,
+    model_warning,
+    output_participants,
+    participant_label,
+    participant_status,
+    read_json,
+    run_timings,
+)
+from bids_cl.reports.html import box, esc, fmt, kv_table, now_iso, page, table_html
+from bids_cl.reports.html import figure as figure_html
+from bids_cl.reports.templates import Template, resolve_template
+from bids_cl.utils.io import atomic_write_text
+
+LOGGER = logging.getLogger("bids_cl.reports")
+MAX_LESIONS = 30
+LESION_DIGITS = {"volume_ul": 2, "mean_prob": 3, "max_prob": 3, "uncertainty": 3,
+                 "centroid_i": 1, "centroid_j": 1, "centroid_k": 1, "centroid_x": 1,
+                 "centroid_y": 1, "centroid_z": 1, "template_x": 1, "template_y": 1,
+                 "template_z": 1}
+
+
+def generate_participant_report(out_dir: str | Path, participant_label: str, *,
+                                templates: Mapping[str, Any] | None = None,
+                                template_lookup: bool = True,
+                                max_lesions: int = MAX_LESIONS) -> Path:
+    """Write ``out_dir/sub-<label>.html`` (and its figures) from the derivatives; return its path.
+
+    ``templates`` maps a template space to its T1w (path, ``(t1w, mask)`` or ``TemplateFiles``) for
+    the registration figure; spaces not given are looked up with ``bids_cl.preproc.get_template``
+    unless ``template_lookup`` is false. Without a template the figure is replaced by a note.
+    """
+    out_dir = Path(out_dir)
+    label = _label(participant_label)
+    fig_dir = out_dir / f"sub-{label}" / "figures"
+    targets = collect_targets(out_dir, label)
+    status = participant_status(out_dir, label, targets)
+    crashes = collect_crashes(out_dir, label)
+    cache: dict[str, Template | None] = {}
+
+    nav = [("summary", "Summary")]
+    sections = [_summary_section(label, targets, status)]
+    for target in targets:
+        anchor = target.prefix
+        nav.append((anchor, _short(target)))
+        sections.append(_target_section(out_dir, target, fig_dir, templates, template_lookup,
+                                        cache, max_lesions))
+    nav.append(("errors", "Errors"))
+    sections.append(_errors_section(out_dir, crashes, status))
+    nav.append(("about", "About"))
+    sections.append(_about_section(out_dir, label))
+
+    meta = (f"bids_cl {esc(__version__)} &middot; report generated {esc(now_iso())} &middot; "
+            f"{len(targets)} target image(s)")
+    text = page(f"bids_cl: sub-{label}", "\n".join(sections), nav=nav, meta=meta)
+    return atomic_write_text(out_dir / f"sub-{label}.html", text)
+
+
+def generate_reports(out_dir: str | Path, participant_labels: list[str] | None = None, *,
+                     templates: Mapping[str, Any] | None = None,
+                     template_lookup: bool = True) -> list[Path]:
+    """Reports for the given participants (default: every ``sub-*`` in ``out_dir``).
+
+    For ``--reports-only``: a participant whose report cannot be written is logged and skipped so the
+    others still get theirs; the returned list holds the reports written.
+    """
+    out_dir = Path(out_dir)
+    labels = [_label(p) for p in participant_labels] if participant_labels else \
+        output_participants(out_dir)
+    written = []
+    for label in labels:
+        try:
+            written.append(generate_participant_report(out_dir, label, templates=templates,
+                                                       template_lookup=template_lookup))
+        except Exception:  # one broken participant must not stop the others
+            LOGGER.exception("report for sub-%s failed", label)
+    return written
+
+
+# ------------------------------------------------------------------------------------ sections
+def _label(value: str) -> str:
+    return participant_label(value)
+
+
+def _short(target: TargetOutputs) -> str:
+    """Navigation label: the prefix without the ``sub-X_`` part."""
+    rest = target.prefix.split("_", 1)
+    return rest[1] if len(rest) > 1 else target.prefix
+
+
+def _summary_section(label: str, targets: list[TargetOutputs], status: Any) -> str:
+    parts = ['<section id="summary"><h2>Summary</h2>',
+             f'<p>Participant <b>sub-{esc(label)}</b>: status '
+             f'<span class="status-{esc(status.status)}">{esc(status.status)}</span>'
+             + (f" &mdash; {esc(status.reason)}" if status.reason else "") + "</p>"]
+    if status.missing_targets:
+        parts.append(box("Targets of the latest run without outputs: "
+                         + ", ".join(status.missing_targets), "error"))
+    if targets:
+        rows = []
+        for t in targets:
+            s = t.summary
+            rows.append({
+                "session": t.session or "n/a", "prefix": t.prefix,
+                "sequence": s.get("Sequence"), "field strength (T)": s.get("FieldStrength"),
+                "skull strip": s.get("SkullStripStrategy"), "model": model_name(s.get("Model")),
+                "lesions": s.get("LesionCount"), "total volume (µL)": s.get("TotalVolume_uL"),
+                "median volume (µL)": s.get("MedianVolume_uL"),
+                "warnings": len(_warnings(t)),
+            })
+        frame = pd.DataFrame(rows)
+        parts.append(table_html(frame, rows_key="summary", digits={
+            "total volume (µL)": 1, "median volume (µL)": 1},
+            cell_html={"prefix": lambda v, _r: f'<a href="#{esc(v)}">{esc(v)}</a>'}))
+    else:
+        parts.append(box("No segmentation outputs for this participant.", "error"))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _warnings(target: TargetOutputs) -> list[tuple[str, str]]:
+    """(kind, text) of everything a reader must see before trusting the numbers."""
+    s = target.summary
+    out = []
+    warning = model_warning(s.get("Model"))
+    if warning:
+        out.append(("Model", warning))
+    if s.get("OODWarning"):
+        out.append(("Out of distribution", str(s["OODWarning"])))
+    for w in s.get("Warnings") or []:
+        out.append(("Warning", str(w)))
+    return out
+
+
+def _try_figure(what: str, draw: Callable[[], str]) -> str:
+    try:
+        return draw()
+    except Exception as exc:  # a figure is never worth losing the report
+        LOGGER.warning("report figure '%s' failed: %s", what, exc)
+        LOGGER.debug("%s", traceback.format_exc())
+        return box(f"The {what} figure could not be drawn: {type(exc).__name__}: {exc}", "error")
+
+
+def _rel(out_dir: Path, path: Path) -> str:
+    return path.relative_to(out_dir).as_posix()
+
+
+def _background(target: TargetOutputs) -> tuple[Path | None, str]:
+    """The raw target when it can still be read (what the user gave), else the skull-stripped T1w."""
+    raw = target.inputs.get("target")
+    if raw and Path(raw).exists():
+        try:
+            nib.load(str(raw))
+            return Path(raw), f"input image ({Path(raw).name})"
+        except Exception:  # unreadable raw image: the derivative is the next best
+            pass
+    preproc = target.path("desc-preproc_T1w.nii.gz")
+    if preproc.exists():
+        return preproc, f"skull-stripped image ({preproc.name})"
+    return None, ""
+
+
+def _target_section(out_dir: Path, target: TargetOutputs, fig_dir: Path,
+                    templates: Mapping[str, Any] | None, lookup: bool,
+                    cache: dict[str, Template | None], max_lesions: int) -> str:
+    s = target.summary
+    parts = [f'<section id="{esc(target.prefix)}"><h2>{esc(target.prefix)}</h2>',
+             f'<p class="note">Session: {esc(target.session or "n/a")} &middot; sequence '
+             f'{esc(fmt(s.get("Sequence")))} &middot; {esc(fmt(s.get("FieldStrength")))} T '
+             f'&middot; {esc(fmt(s.get("LesionCount")))} lesion(s), total '
+             f'{esc(fmt(s.get("TotalVolume_uL"), 1))} µL</p>']
+    for kind, text in _warnings(target):
+        parts.append(box(f"<b>{esc(kind)}:</b> {esc(text)}", "warning", raw=True))
+
+    background, bg_text = _background(target)
+
+    # 1. Brain mask.
+    parts.append("<h3>Brain mask</h3>")
+    mask_path = target.path("desc-brain_mask.nii.gz")
+    mask_json = mask_path.with_name(mask_path.name.replace(".nii.gz", ".json"))
+    strategy = s.get("SkullStripStrategy") or (
+        (read_json(mask_json) or {}).get("SkullStripStrategy") if mask_json.exists() else None)
+    if background is not None and mask_path.exists():
+        def _brain() -> str:
+            png = figs.plot_brainmask(background, mask_path,
+                                      fig_dir / f"{target.prefix}_desc-brainmask_T1w.png")
+            return figure_html(_rel(out_dir, png), (
+                f"Brain mask (red) on the {esc(bg_text)}; skull-strip strategy "
+                f"<b>{esc(fmt(strategy))}</b>. The contour should follow the outer brain surface "
+                "without cutting cortex (cortical lesions sit there) or including dura/skull."),
+                alt=f"brain mask of {target.prefix}")
+        parts.append(_try_figure("brain mask", _brain))
+    else:
+        parts.append(box("No brain mask or image to show.", "warning"))
+
+    # 2. Registration (only when template-space outputs exist).
+    for space in target.spaces:
+        parts.append(f"<h3>Registration to {esc(space)}</h3>")
+        tpl = resolve_template(space, templates, lookup=lookup, cache=cache)
+        if tpl is None:
+            parts.append(box(f"Template {space} is not available here, so the registration figure "
+                             "is not drawn (the template-space outputs exist).", "warning"))
+            continue
+        moving = next((p for p in (target.path(f"space-{space}_desc-preproc_T1w.nii.gz"),
+                                   target.path(f"space-{space}_T1w.nii.gz")) if p.exists()), None)
+
+        def _reg(space: str = space, tpl: Template = tpl, moving: Path | None = moving) -> str:
+            png = figs.plot_registration(
+                tpl.t1w, fig_dir / f"{target.prefix}_space-{space}_desc-reg_T1w.png",
+                moving=moving, template_mask=tpl.mask, lesion_mask=target.space_mask(space))
+            if moving is not None:
+                cap = (f"Subject image warped to {esc(space)} with the template's brain outline and "
+                       "GM/WM edges (cyan) and the lesion mask (red). Edges should follow the "
+                       "subject's anatomy.")
+            else:
+                cap = (f"Lesion mask warped to {esc(space)} (red) on the template. Lesions should "
+                       "land in cortex/white matter, not outside the brain (the warped T1w is not "
+                       "among the outputs, so template edges cannot be drawn over it).")
+            return figure_html(_rel(out_dir, png), cap, alt=f"registration of {target.prefix}")
+        parts.append(_try_figure("registration", _reg))
+
+    # 3. Lesions.
+    parts.append("<h3>Lesions</h3>")
+    lesions = target.lesions()
+    lesion_png = fig_dir / f"{target.prefix}_desc-lesions_T1w.png"
+    cl_mask = target.path("label-CL_mask.nii.gz")
+    if lesions.empty:
+        lesion_png.unlink(missing_ok=True)  # no stale mosaic from an earlier run
+        parts.append('<p class="note">No lesion detected.</p>')
+    elif background is None or not cl_mask.exists():
+        parts.append(box("Lesion mask or image missing: no lesion figure.", "warning"))
+    else:
+        def _les() -> str:
+            png, shown = figs.plot_lesions(background, cl_mask, lesions, lesion_png,
+                                           max_lesions=max_lesions,
+                                           connectivity=int(s.get("Connectivity") or 26))
+            capped = (f"Showing the {shown} largest of {len(lesions)} lesions (at most "
+                      f"{max_lesions} per image; all are in the table below)."
+                      if shown < len(lesions) else f"All {shown} lesion(s), largest first.")
+            return figure_html(_rel(out_dir, png), (
+                f"{capped} Each lesion: axial, coronal and sagittal slices through it on the "
+                f"{esc(bg_text)}, outlined in red (other lesions in view in yellow); "
+                "caption: lesion id, volume, mean probability (p) and uncertainty (u)."),
+                alt=f"lesions of {target.prefix}")
+        parts.append(_try_figure("lesion", _les))
+
+    parts.append(f"<h3>Lesion table ({len(lesions)} lesion(s))</h3>")
+    parts.append(table_html(lesions, rows_key=f"lesions:{target.prefix}", cls="lesion-table",
+                            digits=LESION_DIGITS))
+    parts.append(f'<p class="note">From <code>{esc(_rel(out_dir, target.lesions_path))}</code>.'
+                 "</p>")
+
+    # 4. What was run.
+    parts.append("<h3>What was run</h3>")
+    parts.append(_provenance_html(out_dir, target, strategy))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _provenance_html(out_dir: Path, target: TargetOutputs, strategy: Any) -> str:
+    s = target.summary
+    inputs = target.inputs
+    rows: list[tuple[str, Any]] = [
+        ("Target image", inputs.get("target")),
+        ("Target suffix", inputs.get("target_suffix")),
+        ("Sequence", s.get("Sequence")),
+        ("Sequence evidence", inputs.get("evidence")),
+        ("Field strength (T)", s.get("FieldStrength")),
+        ("INV1", inputs.get("inv1")), ("INV2", inputs.get("inv2")),
+        ("T1 map", inputs.get("t1map")),
+        ("Skull-strip strategy", strategy),
+        ("Threshold", s.get("Threshold")), ("Connectivity", s.get("Connectivity")),
+        ("Minimum lesion size", s.get("MinLesionSize")),
+        ("Template spaces", s.get("Space") or []),
+    ]
+    html_parts = ["<h4>Inputs and parameters</h4>", kv_table(rows)]
+    model = s.get("Model")
+    html_parts.append("<h4>Model</h4>")
+    html_parts.append(kv_table(model) if isinstance(model, Mapping) else esc(fmt(model)))
+    generated = dict(s.get("GeneratedBy") or {})
+    description = read_json(out_dir / "dataset_description.json") \
+        if (out_dir / "dataset_description.json").exists() else None
+    if isinstance(description, dict):
+        for entry in description.get("GeneratedBy") or []:
+            if isinstance(entry, dict) and entry.get("Container"):
+                generated.setdefault("Container", entry["Container"])
+    generated.setdefault("Report", f"bids_cl {__version__}")
+    html_parts += ["<h4>Versions</h4>", kv_table(generated)]
+    timings = s.get("Timings") or run_timings(out_dir, target.participant, target.prefix)
+    if isinstance(timings, Mapping) and timings:
+        frame = pd.DataFrame({"stage": list(timings), "seconds": [_num(v) for v in
+                                                                   timings.values()]})
+        frame = pd.concat([frame, pd.DataFrame({"stage": ["total"],
+                                                "seconds": [frame["seconds"].sum()]})])
+        html_parts += ["<h4>Timings</h4>",
+                       table_html(frame, rows_key=f"timings:{target.prefix}", digits=1,
+                                  scroll=False)]
+    html_parts.append(f'<p class="note">Summary: <code>{esc(_rel(out_dir, target.summary_path))}'
+                      "</code></p>")
+    return "\n".join(html_parts)
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _errors_section(out_dir: Path, crashes: list[Crash], status: Any) -> str:
+    parts = ['<section id="errors"><h2>Errors</h2>']
+    if not crashes:
+        parts.append('<p class="note">No crash file.</p>')
+    else:
+        if status.status == "ok":
+            parts.append('<p class="note">Crash files of earlier runs (every target now has '
+                         "outputs):</p>")
+        for crash in crashes:
+            parts.append(
+                box(f"<b>{esc(crash.reason)}</b><br><span class=\"note\">run {esc(crash.run)} "
+                    f"&middot; <code>{esc(_rel(out_dir, crash.path))}</code></span>"
+                    f"<details><summary>full text</summary><pre>{esc(crash.text)}</pre></details>",
+                    "error", raw=True))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _about_section(out_dir: Path, label: str) -> str:
+    parts = ['<section id="about"><h2>About</h2>',
+             "<p>Built by bids_cl from the derivatives in this folder only; figures are in "
+             f"<code>sub-{esc(label)}/figures/</code>. Rebuild with <code>--reports-only</code>.</p>"]
+    run = latest_run_dir(out_dir, label)
+    if run is not None:
+        for name in ("bids_cl.toml", "config.toml"):
+            if (run / name).exists():
+                text = (run / name).read_text(encoding="utf-8", errors="replace")[:20000]
+                parts.append(f"<details><summary>Configuration of the latest run ({esc(run.name)})"
+                             f"</summary><pre>{esc(text)}</pre></details>")
+                break
+    parts.append("</section>")
+    return "\n".join(parts)
