@@ -108,6 +108,7 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
 class _RegisterOutputSpec(TraitedSpec):
     out_xfm = File(exists=True, desc="composite T1w -> template transform (.h5)")
     out_info = File(exists=True)
+    out_warped = File(exists=True, desc="the skull-stripped image in template space")
 
 
 class RegisterToTemplate(SimpleInterface):
@@ -120,7 +121,8 @@ class RegisterToTemplate(SimpleInterface):
         files = steps.register_files(self.inputs.in_file, runtime.cwd, space=self.inputs.space,
                                      seed=self.inputs.seed, nthreads=self.inputs.nthreads,
                                      sloppy=self.inputs.sloppy)
-        self._results.update(out_xfm=files["xfm"], out_info=files["info"])
+        self._results.update(out_xfm=files["xfm"], out_info=files["info"],
+                             out_warped=files["warped"])
         return runtime
 
 
@@ -168,6 +170,7 @@ class _DerivativesInputSpec(BaseInterfaceInputSpec):
     template_probsegs = traits.List(File(exists=True), value=[], usedefault=True)
     template_xfms = traits.List(File(exists=True), value=[], usedefault=True)
     template_lesions = traits.List(File(exists=True), value=[], usedefault=True)
+    template_t1ws = traits.List(File(exists=True), value=[], usedefault=True)
 
 
 class _DerivativesOutputSpec(TraitedSpec):
@@ -188,10 +191,11 @@ class WriteDerivatives(SimpleInterface):
         from bids_cl.workflows.outputs import write_target_derivatives
 
         templates = {
-            space: {"mask": m, "probseg": p, "xfm": x, "lesions_tsv": t}
-            for space, m, p, x, t in zip(self.inputs.spaces, self.inputs.template_masks,
-                                         self.inputs.template_probsegs, self.inputs.template_xfms,
-                                         self.inputs.template_lesions, strict=True)
+            space: {"mask": m, "probseg": p, "xfm": x, "lesions_tsv": t, "t1w": w}
+            for space, m, p, x, t, w in zip(self.inputs.spaces, self.inputs.template_masks,
+                                            self.inputs.template_probsegs, self.inputs.template_xfms,
+                                            self.inputs.template_lesions, self.inputs.template_t1ws,
+                                            strict=True)
         }
         written = write_target_derivatives(
             Path(self.inputs.output_dir), Path(self.inputs.bids_dir),

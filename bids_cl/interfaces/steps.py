@@ -123,8 +123,9 @@ def register_files(brain_file: str, out_dir: str, *, space: str, seed: int, nthr
         "metrics": getattr(result, "metrics", {}),
         "seconds": round(time.perf_counter() - start, 3),
     }
+    warped = atomic_save_nifti(result.warped_moving, out / "template_T1w.nii.gz")
     info_path = atomic_write_json(out / "registration.json", info)
-    return {"xfm": str(result.composite_h5), "info": str(info_path)}
+    return {"xfm": str(result.composite_h5), "info": str(info_path), "warped": str(warped)}
 
 
 def to_template_files(mask_file: str, probseg_file: str, lesions_tsv: str, registration_info: str,

@@ -132,7 +132,8 @@ def init_target_wf(config: RunConfig, item: WorkItem, *, use_gpu: bool = False,
             (template_wf, datasink, [("outputnode.masks", "template_masks"),
                                      ("outputnode.probsegs", "template_probsegs"),
                                      ("outputnode.xfms", "template_xfms"),
-                                     ("outputnode.lesions", "template_lesions")]),
+                                     ("outputnode.lesions", "template_lesions"),
+                                     ("outputnode.t1ws", "template_t1ws")]),
         ])
     return workflow
 
@@ -149,7 +150,7 @@ def init_template_wf(config: RunConfig, *, name: str = "template_wf") -> pe.Work
     nthreads = config.omp_nthreads or 1
     inputnode = pe.Node(IdentityInterface(fields=["brain", "lesion_mask", "probseg", "lesions"]),
                         name="inputnode")
-    outputnode = pe.Node(IdentityInterface(fields=["masks", "probsegs", "xfms", "lesions"]),
+    outputnode = pe.Node(IdentityInterface(fields=["masks", "probsegs", "xfms", "lesions", "t1ws"]),
                          name="outputnode")
     register = pe.MapNode(
         RegisterToTemplate(seed=config.random_seed, nthreads=nthreads, sloppy=config.sloppy),
@@ -162,7 +163,7 @@ def init_template_wf(config: RunConfig, *, name: str = "template_wf") -> pe.Work
         (inputnode, resample, [("lesion_mask", "mask_file"), ("probseg", "probseg_file"),
                                ("lesions", "lesions_file")]),
         (register, resample, [("out_info", "registration_info")]),
-        (register, outputnode, [("out_xfm", "xfms")]),
+        (register, outputnode, [("out_xfm", "xfms"), ("out_warped", "t1ws")]),
         (resample, outputnode, [("out_mask", "masks"), ("out_probseg", "probsegs"),
                                 ("out_lesions", "lesions")]),
     ])

@@ -115,8 +115,8 @@ def write_dataset_description(output_dir: Path, bids_dir: Path,
     }
     path = atomic_write_json(output_dir / "dataset_description.json", description)
     atomic_write_text(output_dir / ".bidsignore",
-                      "*.html\nlogs/\nsub-*/log/\nsub-*/figures/\n*_stats.tsv\n*_stats.json\n"
-                      "group_*\nevaluation/\n")
+                      "*.html\nlogs/\nfigures/\nsub-*/log/\nsub-*/figures/\n*_stats.tsv\n"
+                      "*_stats.json\ngroup_*\ngroup.html\nevaluation/\n")
     rows = ["desc_id\tdescription"] + [f"{k}\t{v}" for k, v in DESCRIPTIONS.items()]
     atomic_write_text(output_dir / "descriptions.tsv", "\n".join(rows) + "\n")
     return path
@@ -239,6 +239,13 @@ def write_target_derivatives(
         written.append(atomic_write_json(_json_for(space_path), {
             **seg_common, "Description": f"Lesion probability resampled to {space} (linear)",
             "SpatialReference": space}))
+        if files.get("t1w"):
+            space_path = derivative_path(output_dir, item, f"space-{space}_desc-preproc_T1w.nii.gz")
+            written.append(_copy_nifti(files["t1w"], space_path, np.float32))
+            written.append(atomic_write_json(_json_for(space_path), {
+                "SkullStripped": True, "SpatialReference": space,
+                "Description": f"Skull-stripped T1-weighted image registered to {space} (linear)",
+                "Sources": [f"bids::{item.anat_dir}/{item.prefix}_desc-preproc_T1w.nii.gz"]}))
         xfm_path = derivative_path(output_dir, item, f"from-T1w_to-{space}_mode-image_xfm.h5")
         written.append(_copy_file(files["xfm"], xfm_path))
         written.append(atomic_write_json(_json_for(xfm_path), {
