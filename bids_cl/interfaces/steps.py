@@ -6,6 +6,7 @@ Each takes input paths and an output folder, calls the numeric code in ``bids_cl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -117,15 +118,12 @@ def register_files(brain_file: str, out_dir: str, *, space: str, seed: int, nthr
         "space": space,
         "template": str(template.t1w),
         "template_source": template.source,
-        "forward_transforms": [str(p) for p in result.forward_transforms],
-        "inverse_transforms": [str(p) for p in result.inverse_transforms],
-        "composite": str(result.composite_h5),
-        "metrics": getattr(result, "metrics", {}),
+        "result": dataclasses.asdict(result),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    warped = atomic_save_nifti(result.warped_moving, out / "template_T1w.nii.gz")
     info_path = atomic_write_json(out / "registration.json", info)
-    return {"xfm": str(result.composite_h5), "info": str(info_path), "warped": str(warped)}
+    return {"xfm": str(result.composite_h5), "info": str(info_path),
+            "warped": str(result.warped_moving)}
 
 
 def to_template_files(mask_file: str, probseg_file: str, lesions_tsv: str, registration_info: str,
@@ -136,11 +134,7 @@ def to_template_files(mask_file: str, probseg_file: str, lesions_tsv: str, regis
 
     out = Path(out_dir)
     info = json.loads(Path(registration_info).read_text())
-    result = RegistrationResult.from_files(
-        forward_transforms=info["forward_transforms"],
-        inverse_transforms=info["inverse_transforms"],
-        composite_h5=info["composite"],
-    )
+    result = RegistrationResult(**info["result"])
     template = nib.load(info["template"])
     warped_mask = apply_to_template(nib.load(mask_file), result, template,
                                     interpolation="nearestNeighbor")
