@@ -70,7 +70,7 @@ RUN test "$(python -c 'import bids_cl; print(bids_cl.__version__)')" = "${VERSIO
 RUN mkdir -p "${TEMPLATEFLOW_HOME}" "${BIDS_CL_HOME}" \
     && bids_cl-fetch-templates --tf-dir "${TEMPLATEFLOW_HOME}" \
     && if [ -n "${EXTRA_TEMPLATE_SPACES}" ]; then \
-           bids_cl-fetch-templates --tf-dir "${TEMPLATEFLOW_HOME}" --spaces ${EXTRA_TEMPLATE_SPACES}; \
+           bids_cl-fetch-templates --tf-dir "${TEMPLATEFLOW_HOME}" ${EXTRA_TEMPLATE_SPACES}; \
        fi
 
 # The published model, when the build is given it; the demo model ships as package data anyway.
