@@ -82,12 +82,14 @@ def generated_by(model_provenance: dict[str, Any] | None = None) -> list[dict[st
         entry["Container"] = {"Type": container, "Tag": f"bids_cl:{__version__}"}
     out = [entry]
     if model_provenance:
-        out.append({
-            "Name": f"model: {model_provenance.get('name', 'nnU-Net')}",
-            "Description": model_provenance.get("description", "nnU-Net v2 cortical lesion model"),
-            **({"Version": str(model_provenance["version"])} if model_provenance.get("version")
-               else {}),
-        })
+        model_entry = {
+            "Name": f"model: {model_provenance.get('name') or 'nnU-Net'}",
+            "Description": str(model_provenance.get("description")
+                               or "nnU-Net v2 cortical lesion model"),
+        }
+        if model_provenance.get("version"):
+            model_entry["Version"] = str(model_provenance["version"])
+        out.append(model_entry)
     return out
 
 
@@ -114,10 +116,12 @@ def write_dataset_description(output_dir: Path, bids_dir: Path,
                             "for the model and bids_cl for the pipeline.",
     }
     path = atomic_write_json(output_dir / "dataset_description.json", description)
+    # The validator matches folder entries without a trailing slash. Transforms follow the NiPreps
+    # `_xfm` convention, which the BIDS schema does not cover yet; tables and logs are not BIDS files.
     atomic_write_text(output_dir / ".bidsignore",
-                      "*.html\nlogs/\nfigures/\nsub-*/log/\nsub-*/figures/\n*_stats.tsv\n"
-                      "*_stats.json\ngroup_*\ngroup.html\nevaluation/\n")
-    rows = ["desc_id\tdescription"] + [f"{k}\t{v}" for k, v in DESCRIPTIONS.items()]
+                      "*.html\nfigures\nsub-*/log\nsub-*/figures\n*_xfm.h5\n*_xfm.json\n"
+                      "*_stats.tsv\n*_stats.json\ngroup_*\nevaluation\n")
+    rows = ["desc_id\tdescription"] + [f"desc-{k}\t{v}" for k, v in DESCRIPTIONS.items()]
     atomic_write_text(output_dir / "descriptions.tsv", "\n".join(rows) + "\n")
     return path
 
