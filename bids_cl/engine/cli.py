@@ -1,0 +1,128 @@
+"""``bids_cl-models``: list, install, inspect and verify segmentation models.
+
+    bids_cl-models list
+    bids_cl-models install molchanova2025                 # Zenodo (lists the record, downloads the zip)
+    bids_cl-models install molchanova2025 --from-file model.zip   # offline HPC nodes
+    bids_cl-models info demo | NAME | /path/to/model [--json]
+    bids_cl-models verify [NAME ...]                       # re-check the SHA-256 of every file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from bids_cl.engine import registry
+from bids_cl.engine.lockfile import verify_lock_file
+from bids_cl.errors import EXIT_BAD_DATA, BidsClError
+
+PROG = "bids_cl-models"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Manage bids_cl segmentation models "
+                                     f"(stored in ${registry.HOME_ENV}/models, default ~/.cache/bids_cl).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="known and installed models")
+    inst = sub.add_parser("install", help="download (or unpack) a model and lock its files")
+    inst.add_argument("name", help=f"model name, e.g. {registry.PUBLISHED_MODEL}")
+    inst.add_argument("--from-file", metavar="ZIP",
+                      help="install from a local archive (nnUNetv2_export_model_to_zip) instead of "
+                      "downloading")
+    inst.add_argument("--file", metavar="NAME", help="which file of the Zenodo record to download "
+                      "(needed only when the record holds several zip files)")
+    inst.add_argument("--force", action="store_true", help="replace an installed copy")
+    inst.add_argument("--no-progress", action="store_true", help="no progress bar")
+    info = sub.add_parser("info", help="print a model's provenance")
+    info.add_argument("model", help="model name, model folder or export zip")
+    info.add_argument("--json", action="store_true", help="machine-readable JSON")
+    ver = sub.add_parser("verify", help="re-check installed models against their lock files")
+    ver.add_argument("names", nargs="*", help="models to check (default: all installed)")
+    return parser
+
+
+def _cmd_list() -> int:
+    rows = registry.list_models()
+    width = max(len(r["name"]) for r in rows)
+    for row in rows:
+        print(f"{row['name']:<{width}}  {row['status']:<14}  {row['description']}")
+        if row["doi"]:
+            print(f"{'':<{width}}  {'':<14}  doi:{row['doi']}")
+        print(f"{'':<{width}}  {'':<14}  {row['path']}")
+    return 0
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    args.name = registry.canonical_name(args.name)
+    if args.from_file:
+        spec = registry.REGISTRY.get(args.name)
+        source = {"doi": spec.doi, "zenodo_record": spec.zenodo_record} if spec and spec.doi else {}
+        source["installed_from"] = "file"
+        dest = registry.install_from_file(args.name, args.from_file, source=source, force=args.force)
+    else:
+        dest = registry.install_from_zenodo(args.name, file=args.file, force=args.force,
+                                            progress=not args.no_progress)
+    print(f"installed {args.name} in {dest}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from bids_cl.engine.models import load_model
+
+    prov = load_model(args.model).provenance
+    if args.json:
+        print(json.dumps(prov, indent=2, default=str))
+        return 0
+    for key, value in prov.items():
+        if key == "files":
+            print("files (SHA-256):")
+            for rel, digest in value.items():
+                print(f"  {digest}  {rel}")
+        elif isinstance(value, (dict, list)):
+            print(f"{key}: {json.dumps(value, default=str)}")
+        elif value is not None:
+            print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    names = args.names or [r["name"] for r in registry.list_models() if r["status"] == "installed"]
+    if not names:
+        print("no installed models")
+        return 0
+    failed = 0
+    for name in names:
+        folder = registry.installed_model_dir(name)
+        problems = verify_lock_file(folder) if folder.is_dir() else [f"not installed ({folder})"]
+        if problems:
+            failed += 1
+            print(f"{name}: FAILED")
+            for problem in problems:
+                print(f"  {problem}")
+        else:
+            print(f"{name}: OK ({folder})")
+    return EXIT_BAD_DATA if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bids_cl-models``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    try:
+        if args.command == "list":
+            return _cmd_list()
+        if args.command == "install":
+            return _cmd_install(args)
+        if args.command == "info":
+            return _cmd_info(args)
+        return _cmd_verify(args)
+    except BidsClError as exc:
+        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
+        return exc.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

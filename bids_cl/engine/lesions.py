@@ -1,0 +1,159 @@
+"""Per-lesion table, fold-disagreement uncertainty, per-image summary and the intensity OOD check."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+LESION_COLUMNS = [
+    "lesion_id", "voxels", "volume_ul",
+    "centroid_i", "centroid_j", "centroid_k", "centroid_x", "centroid_y", "centroid_z",
+    "bbox_i0", "bbox_j0", "bbox_k0", "bbox_i1", "bbox_j1", "bbox_k1",
+    "mean_prob", "max_prob", "uncertainty",
+]
+
+
+def voxel_volume_ul(affine: np.ndarray) -> float:
+    """Voxel volume in µL (= mm³) from the affine (exact for oblique and sheared grids too)."""
+    return float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
+
+
+def best_iou_per_lesion(labels: np.ndarray, n: int, other: np.ndarray, n_other: int) -> np.ndarray:
+    """For each lesion 1..n of ``labels``: the best IoU with any lesion of ``other`` (0 if none overlaps)."""
+    best = np.zeros(n + 1, dtype=np.float64)
+    if n == 0 or n_other == 0:
+        return best[1:]
+    both = (labels > 0) & (other > 0)
+    size_a = np.bincount(labels.ravel(), minlength=n + 1)
+    size_b = np.bincount(other.ravel(), minlength=n_other + 1)
+    a = labels[both].astype(np.int64)
+    b = other[both].astype(np.int64)
+    pairs, inter = np.unique(a * (n_other + 1) + b, return_counts=True)
+    pa, pb = pairs // (n_other + 1), pairs % (n_other + 1)
+    iou = inter / (size_a[pa] + size_b[pb] - inter)
+    np.maximum.at(best, pa, iou)
+    return best[1:]
+
+
+def fold_uncertainty(labels: np.ndarray, n: int,
+                     fold_labels: Sequence[tuple[np.ndarray, int]] | None) -> np.ndarray:
+    """1 - mean over folds of each lesion's best IoU with that fold's lesions (0 with fewer than 2 folds).
+
+    The lesion-scale disagreement of the ensemble members (interpret-lesion-unc, ``uq/les_measures.py``):
+    0 when every fold found exactly this lesion, 1 when no fold overlaps it.
+    """
+    if n == 0 or not fold_labels or len(fold_labels) < 2:
+        return np.zeros(n, dtype=np.float64)
+    ious = np.stack([best_iou_per_lesion(labels, n, fl, fn) for fl, fn in fold_labels])
+    return 1.0 - ious.mean(axis=0)
+
+
+def lesion_table(labels: np.ndarray, n: int, probability: np.ndarray, affine: np.ndarray,
+                 fold_labels: Sequence[tuple[np.ndarray, int]] | None = None) -> pd.DataFrame:
+    """One row per lesion (contract columns). Bounding boxes: start inclusive, end exclusive."""
+    if n == 0:
+        return pd.DataFrame({c: pd.Series(dtype="int64" if c.startswith(("lesion", "voxels", "bbox"))
+                                          else "float64") for c in LESION_COLUMNS})
+    idx = np.nonzero(labels)
+    lab = labels[idx]
+    counts = np.bincount(lab, minlength=n + 1)[1:].astype(np.int64)
+    centroid = np.stack([np.bincount(lab, weights=axis, minlength=n + 1)[1:] / counts for axis in idx], 1)
+    world = centroid @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    prob = probability[idx].astype(np.float64)
+    mean_prob = np.bincount(lab, weights=prob, minlength=n + 1)[1:] / counts
+    max_prob = np.asarray(ndimage.maximum(probability, labels, index=np.arange(1, n + 1)), dtype=np.float64)
+    boxes = ndimage.find_objects(labels, max_label=n)
+    bbox = np.array([[s.start for s in box] + [s.stop for s in box] for box in boxes], dtype=np.int64)
+    table = pd.DataFrame({
+        "lesion_id": np.arange(1, n + 1, dtype=np.int64),
+        "voxels": counts,
+        "volume_ul": counts * voxel_volume_ul(affine),
+        "centroid_i": centroid[:, 0], "centroid_j": centroid[:, 1], "centroid_k": centroid[:, 2],
+        "centroid_x": world[:, 0], "centroid_y": world[:, 1], "centroid_z": world[:, 2],
+        "bbox_i0": bbox[:, 0], "bbox_j0": bbox[:, 1], "bbox_k0": bbox[:, 2],
+        "bbox_i1": bbox[:, 3], "bbox_j1": bbox[:, 4], "bbox_k1": bbox[:, 5],
+        "mean_prob": mean_prob, "max_prob": max_prob,
+        "uncertainty": fold_uncertainty(labels, n, fold_labels),
+    })
+    return table[LESION_COLUMNS]
+
+
+# ---------------------------------------------------------------- out-of-distribution check
+
+# Thresholds of the intensity OOD rule (docs/engine.md, "Out-of-distribution warning").
+OOD_MEDIAN_FACTOR = 3.0        # brain median vs training lesion median: outside [1/3, 3]x
+OOD_OUTSIDE_FRACTION = 0.25    # share of brain voxels far outside the training lesion range
+OOD_NEGATIVE_FRACTION = 0.01   # share of negative brain voxels when training had none
+_OOD_SAMPLE = 2_000_000
+
+
+def intensity_ood(values: np.ndarray, fingerprint: dict[str, float] | None) -> str | None:
+    """A warning when the brain intensities of an image are far from the model's training fingerprint.
+
+    ``values``: raw intensities of the brain voxels. ``fingerprint``: nnU-Net's
+    ``foreground_intensity_properties_per_channel['0']`` (raw intensities of the training lesion voxels:
+    mean, median, std, percentile_00_5, percentile_99_5, min, max). The network z-scores each image, so
+    only gross departures matter; they usually mean the wrong image (another contrast, a T1 map, a
+    rescaled/float image, a non-skull-stripped head). Flags, any of:
+
+    1. non-finite intensities;
+    2. brain median outside [1/3, 3] x the training lesion median;
+    3. more than 25 % of brain voxels outside [p0.5 - R, p99.5 + R], R = p99.5 - p0.5 of training;
+    4. more than 1 % negative brain voxels when the training lesions had no negative value.
+    """
+    values = np.asarray(values).ravel()
+    if values.size == 0:
+        return "no brain voxels (empty brain mask or all-zero image)"
+    if not np.all(np.isfinite(values)):
+        return "the image has non-finite (NaN/inf) intensities inside the brain"
+    if not fingerprint:
+        return None
+    if values.size > _OOD_SAMPLE:  # percentiles of a fixed random subset: fast and deterministic
+        values = np.random.default_rng(0).choice(values, _OOD_SAMPLE, replace=False)
+    reasons = []
+    median = float(np.median(values))
+    train_median = float(fingerprint.get("median", fingerprint.get("mean", 0.0)))
+    if train_median > 0:
+        ratio = median / train_median
+        if not (1.0 / OOD_MEDIAN_FACTOR <= ratio <= OOD_MEDIAN_FACTOR):
+            reasons.append(f"median brain intensity {median:.4g} is {ratio:.2g}x the training lesion "
+                           f"median {train_median:.4g}")
+    lo, hi = fingerprint.get("percentile_00_5"), fingerprint.get("percentile_99_5")
+    if lo is not None and hi is not None and hi > lo:
+        span = hi - lo
+        outside = float(np.mean((values < lo - span) | (values > hi + span)))
+        if outside > OOD_OUTSIDE_FRACTION:
+            reasons.append(f"{outside:.0%} of brain voxels lie far outside the training intensity range "
+                           f"[{lo:.4g}, {hi:.4g}]")
+    if float(fingerprint.get("min", 0.0)) >= 0:
+        negative = float(np.mean(values < 0))
+        if negative > OOD_NEGATIVE_FRACTION:
+            reasons.append(f"{negative:.1%} of brain voxels are negative (training images had none)")
+    if not reasons:
+        return None
+    return ("intensities unlike the training data (wrong contrast or scaling?): " + "; ".join(reasons))
+
+
+def summarize(table: pd.DataFrame, *, threshold: float, connectivity: int,
+              min_lesion_size: Any, min_voxels: int | None, provenance: dict[str, Any],
+              ood_warning: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per-image summary with the contract's keys (the workflow adds Sequence, Inputs, ...)."""
+    volumes = table["volume_ul"].to_numpy(dtype=float) if len(table) else np.zeros(0)
+    summary = {
+        "LesionCount": int(len(table)),
+        "TotalVolume_uL": float(volumes.sum()),
+        "MedianVolume_uL": float(np.median(volumes)) if volumes.size else 0.0,
+        "OODWarning": ood_warning,
+        "Threshold": float(threshold),
+        "Connectivity": int(connectivity),
+        "MinLesionSize": min_lesion_size if min_lesion_size is None or isinstance(
+            min_lesion_size, (int, float, str)) else str(min_lesion_size),
+        "MinLesionSizeVoxels": min_voxels,
+        "Model": provenance,
+    }
+    summary.update(extra or {})
+    return summary

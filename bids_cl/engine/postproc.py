@@ -1,0 +1,81 @@
+"""Probability -> lesion mask: thresholding, connected components, minimum lesion size (pure numpy)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+from bids_cl.errors import EXIT_USAGE, BidsClError
+
+CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}  # neighbours -> scipy's structuring-element connectivity
+
+
+def structure(connectivity: int) -> np.ndarray:
+    """3-D structuring element for 6- (faces), 18- (faces+edges) or 26-connectivity (all neighbours)."""
+    if connectivity not in CONNECTIVITY_RANK:
+        raise BidsClError(f"connectivity must be 6, 18 or 26, not {connectivity!r}", EXIT_USAGE)
+    return ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
+
+
+def threshold_probability(probability: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Lesion where ``probability > threshold`` (strict, so 0.5 equals nnU-Net's argmax on ties)."""
+    if not 0.0 <= float(threshold) < 1.0:
+        raise BidsClError(f"threshold must be in [0, 1), not {threshold!r}", EXIT_USAGE)
+    return probability > threshold
+
+
+def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """Connected components of a boolean mask: (labels 1..N in scan order as int32, N)."""
+    labels, n = ndimage.label(mask, structure=structure(connectivity), output=np.int32)
+    return labels, int(n)
+
+
+def min_size_in_voxels(min_lesion_size: int | float | str | tuple[float, str] | None,
+                       voxel_volume_ul: float) -> int | None:
+    """A minimum lesion size as a voxel count (lesions with fewer voxels are removed).
+
+    Accepts an int (voxels), a string with a unit (``"3uL"``, ``"3 µL"``, ``"3mm3"``, ``"5vox"``; a bare
+    number is voxels) or ``(value, "ul"|"voxels")``. A volume becomes the smallest voxel count whose volume
+    reaches it: ``ceil(volume / voxel_volume)``.
+    """
+    if min_lesion_size is None:
+        return None
+    if isinstance(min_lesion_size, tuple):
+        value, unit = float(min_lesion_size[0]), str(min_lesion_size[1]).lower()
+    elif isinstance(min_lesion_size, (bool, np.bool_)):
+        raise BidsClError(f"min_lesion_size {min_lesion_size!r} is not a size", EXIT_USAGE)
+    else:
+        from bids_cl.utils.units import parse_min_lesion_size
+
+        parsed = parse_min_lesion_size(min_lesion_size)
+        if parsed is None:
+            return None
+        value, unit = parsed
+    if value < 0 or not math.isfinite(value):
+        raise BidsClError(f"min_lesion_size must be a positive size, not {min_lesion_size!r}", EXIT_USAGE)
+    if unit in ("ul", "µl", "mm3"):
+        # The small epsilon keeps e.g. 3 uL on 1 mm voxels at exactly 3 voxels despite float rounding.
+        return max(int(math.ceil(value / voxel_volume_ul - 1e-9)), 0)
+    return max(int(math.ceil(value - 1e-9)), 0)
+
+
+def remove_small_components(labels: np.ndarray, n: int, min_voxels: int | None
+                            ) -> tuple[np.ndarray, int]:
+    """Drop components with fewer than ``min_voxels`` voxels; relabel the rest 1..M keeping their order."""
+    if not min_voxels or n == 0:
+        return labels, n
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_voxels
+    keep[0] = False
+    new_ids = np.zeros(n + 1, dtype=np.int32)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return new_ids[labels], int(keep.sum())
+
+
+def postprocess(probability: np.ndarray, *, threshold: float = 0.5, connectivity: int = 26,
+                min_voxels: int | None = None) -> tuple[np.ndarray, int]:
+    """Threshold, label and size-filter: (lesion labels int32, number of lesions)."""
+    labels, n = label_components(threshold_probability(probability, threshold), connectivity)
+    return remove_small_components(labels, n, min_voxels)

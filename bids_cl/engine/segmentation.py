@@ -1,0 +1,252 @@
+"""``segment()`` and ``CLSegmenter``: image in, lesion probability / mask / table / summary out.
+
+Configure once, predict many: ``CLSegmenter(model, device=...)`` builds the predictor and loads the fold
+weights once; ``.segment(image)`` runs one image. ``segment(image, model, ...)`` is the one-shot form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+
+from bids_cl.engine import orientation as orient
+from bids_cl.engine import predictor as pred
+from bids_cl.engine.lesions import intensity_ood, lesion_table, summarize, voxel_volume_ul
+from bids_cl.engine.models import CLModel, load_model
+from bids_cl.engine.postproc import min_size_in_voxels, postprocess, structure
+from bids_cl.errors import EXIT_BAD_DATA, EXIT_MISSING_INPUT, EXIT_USAGE, BidsClError
+
+log = logging.getLogger("bids_cl.engine")
+
+ImageLike = str | os.PathLike[str] | nib.spatialimages.SpatialImage
+_AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass
+class SegmentationResult:
+    """Everything one segmentation produces; images are on the input image's grid and header."""
+
+    probability: nib.Nifti1Image          # float32 ensemble lesion probability
+    mask: nib.Nifti1Image                 # uint8 final lesion mask (after threshold and size filter)
+    lesions: pd.DataFrame                 # one row per lesion (bids_cl.engine.lesions.LESION_COLUMNS)
+    summary: dict[str, Any]               # per-image summary (contract keys + Folds, TTA, Device, ...)
+    provenance: dict[str, Any]            # the model's provenance (also summary["Model"])
+    labels: nib.Nifti1Image | None = None  # int32 lesion ids (the table's lesion_id)
+    fold_probabilities: list[nib.Nifti1Image] | None = None  # per fold, when the model has several
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _as_image(image: ImageLike, what: str) -> nib.spatialimages.SpatialImage:
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        img = image
+    else:
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise BidsClError(f"{what} not found: {path}", EXIT_MISSING_INPUT)
+        try:
+            img = nib.load(path)
+        except Exception as exc:  # nibabel raises many types for unreadable files
+            raise BidsClError(f"cannot read {what} {path}: {exc}", EXIT_BAD_DATA) from exc
+    if len(img.shape) == 4 and img.shape[3] == 1:
+        img = img.slicer[..., 0]
+    if len(img.shape) != 3:
+        raise BidsClError(f"{what} must be a 3-D image, not shape {img.shape}", EXIT_BAD_DATA)
+    if min(img.shape) < 2:
+        raise BidsClError(f"{what} is too small: shape {img.shape}", EXIT_BAD_DATA)
+    if not isinstance(img, nib.Nifti1Image):
+        img = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine)
+    return img
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: CUDA when available, else CPU."""
+    try:
+        dev = pred._torch_device(device)
+    except RuntimeError as exc:
+        raise BidsClError(f"unknown device {device!r}: {exc}", EXIT_USAGE) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BidsClError("device 'cuda' requested but no CUDA GPU is available", EXIT_USAGE)
+    return dev
+
+
+def default_threads() -> int:
+    from bids_cl.utils.resources import effective_cpus
+
+    return effective_cpus().omp_nthreads
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class CLSegmenter:
+    """A configured nnU-Net CL segmenter: build once, call ``segment`` for each image."""
+
+    def __init__(self, model: str | os.PathLike[str] | CLModel, *, device: str | torch.device = "auto",
+                 folds: Sequence[int | str] | None = None, tta: bool | None = None,
+                 threshold: float = 0.5, min_lesion_size: int | float | str | None = None,
+                 connectivity: int = 26, nthreads: int | None = None, fast: bool = True,
+                 tile_step_size: float = 0.5, compile_network: bool = False,
+                 precision: str | None = None, keep_fold_probabilities: bool = True) -> None:
+        self.model = load_model(model)
+        self.device = resolve_device(device)
+        self.nthreads = int(nthreads) if nthreads else default_threads()
+        structure(connectivity)  # validate early
+        self.threshold, self.connectivity, self.min_lesion_size = threshold, connectivity, min_lesion_size
+        self.warnings: list[str] = []
+        if self.device.type == "cpu":
+            if tta is None:
+                tta = False
+                log.warning("no CUDA GPU: running nnU-Net on %d CPU thread(s) without test-time mirroring "
+                            "(pass tta=True / --tta to mirror; about 8x slower)", self.nthreads)
+            else:
+                log.warning("no CUDA GPU: running nnU-Net on %d CPU thread(s)", self.nthreads)
+        self.tta = bool(True if tta is None else tta)
+        self.folds = self.model.select_folds(folds)
+        self.fast = fast
+        self.keep_fold_probabilities = keep_fold_probabilities
+        self.predictor, warnings = pred.make_predictor(
+            self.model, device=self.device, tta=self.tta, fast=fast, tile_step_size=tile_step_size,
+            compile_network=compile_network, precision=precision if fast else None)
+        self.warnings += warnings
+        if isinstance(self.predictor, pred.FastPredictor):
+            self.predictor.cpu_threads = self.nthreads
+        self.parameters = self.model.parameters(self.folds)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        prov = self.model.provenance
+        prov["folds_used"] = list(self.folds)
+        return prov
+
+    def segment(self, image: ImageLike, *, brain_mask: ImageLike | None = None) -> SegmentationResult:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        img = _as_image(image, "image")
+        data = img.get_fdata(dtype=np.float32)
+        if brain_mask is not None:
+            mask_img = _as_image(brain_mask, "brain mask")
+            if mask_img.shape != img.shape or not np.allclose(mask_img.affine, img.affine,
+                                                              atol=_AFFINE_TOLERANCE_MM):
+                raise BidsClError("the brain mask is not on the image's grid (shape or affine differ)",
+                                  EXIT_BAD_DATA)
+            brain = np.asanyarray(mask_img.dataobj) > 0.5
+            # The model expects a skull-stripped image with an exactly-zero background (SynthStrip).
+            data = np.where(brain, data, np.float32(0.0))
+        else:
+            # nnU-Net's own brain region for skull-stripped input: non-zero voxels, holes filled.
+            brain = ndimage.binary_fill_holes(data != 0)
+        if not brain.any():
+            raise BidsClError("the image is empty (no non-zero voxel inside the brain)", EXIT_BAD_DATA)
+        fingerprint = (self.model.plans.get("foreground_intensity_properties_per_channel") or {}).get("0")
+        ood = intensity_ood(data[brain], fingerprint)
+        if ood:
+            log.warning("%s", ood)
+        timings["load"] = time.perf_counter() - start
+
+        with _torch_threads(self.nthreads):
+            t = time.perf_counter()
+            plan = orient.plan_reorientation(img.affine, img.shape, img.header.get_zooms()[:3],
+                                             self.model.orientation)
+            array = orient.to_nnunet_array(orient.to_model_order(data, plan))
+            spacing = orient.nnunet_spacing(plan.model_zooms)
+            del data
+            tensor, seg, props = pred.preprocess(self.predictor, array, spacing)
+            del array
+            timings["preprocess"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            if isinstance(self.predictor, pred.FastPredictor):
+                self.predictor.tile_mask = torch.from_numpy(seg[0] >= 0)
+            logits = pred.fold_logits(self.predictor, self.parameters, tensor)
+            del tensor, seg
+            timings["predict"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            back = lambda p: np.ascontiguousarray(  # noqa: E731
+                orient.to_input_order(orient.from_nnunet_array(p), plan), dtype=np.float32)
+            mean_logits = logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
+            probability = back(pred.export_probabilities(self.predictor, mean_logits, props, self.nthreads))
+            probability[~brain] = 0.0
+            fold_probs = []
+            if len(logits) > 1:
+                for fl in logits:
+                    p = back(pred.export_probabilities(self.predictor, fl, props, self.nthreads))
+                    p[~brain] = 0.0
+                    fold_probs.append(p)
+            del logits, mean_logits
+            timings["export"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        min_voxels = min_size_in_voxels(self.min_lesion_size, voxel_volume_ul(img.affine))
+        labels, n = postprocess(probability, threshold=self.threshold, connectivity=self.connectivity,
+                                min_voxels=min_voxels)
+        fold_labels = [postprocess(p, threshold=self.threshold, connectivity=self.connectivity,
+                                   min_voxels=min_voxels) for p in fold_probs]
+        table = lesion_table(labels, n, probability, img.affine, fold_labels)
+        timings["lesions"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - start
+
+        provenance = self.provenance
+        stats = getattr(self.predictor, "last_stats", {})
+        summary = summarize(
+            table, threshold=self.threshold, connectivity=self.connectivity,
+            min_lesion_size=self.min_lesion_size, min_voxels=min_voxels, provenance=provenance,
+            ood_warning=ood,
+            extra={
+                "Folds": list(self.folds), "TTA": self.tta, "Device": self.device.type,
+                "FastPath": self.fast, "Threads": self.nthreads,
+                "Precision": getattr(self.predictor, "precision",
+                                     "fp16" if self.device.type == "cuda" else "fp32"),
+                "Orientation": {"input": "".join(nib.aff2axcodes(img.affine)),
+                                "model": self.model.orientation},
+                "TilesRun": stats.get("tiles_run"), "TilesTotal": stats.get("tiles"),
+                "Warnings": [w for w in [provenance.get("warning")] if w] + list(self.warnings),
+                "Timings": {k: round(v, 3) for k, v in timings.items()},
+            })
+        keep_folds = self.keep_fold_probabilities and fold_probs
+        return SegmentationResult(
+            probability=orient.image_like(probability, img, np.float32),
+            mask=orient.image_like((labels > 0).astype(np.uint8), img, np.uint8),
+            lesions=table,
+            summary=summary,
+            provenance=provenance,
+            labels=orient.image_like(labels, img, np.int32),
+            fold_probabilities=[orient.image_like(p, img, np.float32) for p in fold_probs]
+            if keep_folds else None,
+            timings=timings,
+        )
+
+
+def segment(image: ImageLike, model: str | os.PathLike[str] | CLModel, *, device: str | torch.device = "auto",
+            folds: Sequence[int | str] | None = None, tta: bool | None = None, threshold: float = 0.5,
+            min_lesion_size: int | float | str | None = None, connectivity: int = 26,
+            nthreads: int | None = None, brain_mask: ImageLike | None = None,
+            fast: bool = True) -> SegmentationResult:
+    """Segment cortical lesions in one skull-stripped T1-weighted image (see ``CLSegmenter``).
+
+    ``device="auto"`` uses CUDA when present, else the CPU (with a warning; test-time mirroring is then
+    off unless ``tta=True``). ``folds=None`` uses every fold of the model. ``min_lesion_size``: voxels
+    (int) or a volume string such as ``"3uL"``. ``brain_mask``: zero the image outside it (the model
+    expects a zero background) and restrict lesions to it; default: the image's non-zero region.
+    """
+    return CLSegmenter(model, device=device, folds=folds, tta=tta, threshold=threshold,
+                       min_lesion_size=min_lesion_size, connectivity=connectivity, nthreads=nthreads,
+                       fast=fast).segment(image, brain_mask=brain_mask)
