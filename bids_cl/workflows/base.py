@@ -331,7 +331,11 @@ def _write_timings(config: RunConfig, items: list[WorkItem], log_dirs: dict[str,
                                 ("segment", "segment/segment.json")):
             path = target_dir / filename
             if path.is_file():
-                stages[stage] = json.loads(path.read_text()).get("seconds", 0.0)
+                info = json.loads(path.read_text())
+                stages[stage] = info.get("seconds", 0.0)
+                for step, seconds in (info.get("summary", {}).get("Timings") or {}).items():
+                    if isinstance(seconds, (int, float)):
+                        stages[f"{stage}.{step}"] = seconds
         for reg in sorted(target_dir.glob("template_wf/register/mapflow/_register*/"
                                           "registration.json")):
             info = json.loads(reg.read_text())

@@ -266,7 +266,7 @@ def write_target_derivatives(
     path = derivative_path(output_dir, item, "label-CL_desc-lesions_stats.tsv")
     written.append(atomic_write_text(path, lesions.to_csv(sep="\t", index=False,
                                                           float_format="%.6g")))
-    dictionary = {c: LESION_TABLE_DICTIONARY.get(c, {"Description": c}) for c in lesions.columns}
+    dictionary = {c: dict(LESION_TABLE_DICTIONARY.get(c, {"Description": c})) for c in lesions.columns}
     if spaces:
         for c in ("template_x", "template_y", "template_z"):
             if c in dictionary:
@@ -278,8 +278,9 @@ def write_target_derivatives(
         "LesionCount": int(len(lesions)),
         "TotalVolume_uL": float(lesions["volume_ul"].sum()) if len(lesions) else 0.0,
         "MedianVolume_uL": float(lesions["volume_ul"].median()) if len(lesions) else 0.0,
+        # Timings differ from run to run: they go to the log, so derivatives are byte-identical.
         **{k: v for k, v in engine_summary.items()
-           if k not in ("LesionCount", "TotalVolume_uL", "MedianVolume_uL")},
+           if k not in ("LesionCount", "TotalVolume_uL", "MedianVolume_uL", "Timings")},
         "Sequence": item.sequence,
         "FieldStrength": item.field_strength,
         "SkullStripStrategy": skullstrip_info.get("strategy"),
