@@ -8,7 +8,6 @@ Contents are deterministic (no timestamps, gzip headers without mtime): rerunnin
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +145,30 @@ def _copy_nifti(src: str | Path, dst: Path, dtype: Any | None = None) -> Path:
     return atomic_save_nifti(img, dst)
 
 
-def _copy_file(src: str | Path, dst: Path) -> Path:
-    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+def _copy_h5(src: str | Path, dst: Path) -> Path:
+    """Copy an ITK HDF5 transform without the object timestamps HDF5 records by default.
+
+    ITK writes creation times into the file, so the same transform computed twice would differ in
+    bytes; the copy keeps every group, dataset and attribute, so ITK/ANTs read it unchanged.
+    """
+    import h5py
+
+    def _copy_group(group_in: Any, group_out: Any) -> None:
+        for key, value in group_in.attrs.items():
+            group_out.attrs[key] = value
+        for name, obj in group_in.items():
+            if isinstance(obj, h5py.Group):
+                _copy_group(obj, group_out.create_group(name, track_order=True))
+            else:
+                dataset = group_out.create_dataset(name, data=obj[()], track_times=False)
+                for key, value in obj.attrs.items():
+                    dataset.attrs[key] = value
+
+    def _write(tmp: Path) -> None:
+        with h5py.File(src, "r") as fin, h5py.File(tmp, "w", track_order=True) as fout:
+            _copy_group(fin, fout)
+
+    return atomic_write(dst, _write)
 
 
 def derivative_path(output_dir: Path, item: WorkItem, name: str) -> Path:
@@ -251,7 +272,7 @@ def write_target_derivatives(
                 "Description": f"Skull-stripped T1-weighted image registered to {space} (linear)",
                 "Sources": [f"bids::{item.anat_dir}/{item.prefix}_desc-preproc_T1w.nii.gz"]}))
         xfm_path = derivative_path(output_dir, item, f"from-T1w_to-{space}_mode-image_xfm.h5")
-        written.append(_copy_file(files["xfm"], xfm_path))
+        written.append(_copy_h5(files["xfm"], xfm_path))
         written.append(atomic_write_json(_json_for(xfm_path), {
             "FromSpace": "T1w", "ToSpace": space,
             "Method": "antspyx affine + SyN (fixed seed), composite ITK transform",
