@@ -1,0 +1,233 @@
+"""Measured quality of a CL model on held-out phantoms (the table in docs/demo-model.md).
+
+For every evaluation set (phantom datasets whose seeds were never used for training) each annotated image is
+skull stripped, segmented with the model and scored against the phantom's truth with bids_cl's lesion-wise
+metrics (paper definitions: 26-connected lesions, adjusted IoU >= 0.25 for a true positive):
+
+    /work/venv/bin/python benchmarks/demo_quality.py --data-root /work/tmp_train/demo \
+        --generate --out docs-table.md
+
+``--generate`` (re)creates missing evaluation sets with bids_cl.synth (the seeds below). The model runs
+through ``bids_cl.engine.CLSegmenter`` when the engine provides it (the path the app uses), otherwise through
+nnU-Net's predictor with the engine's conventions (RAS voxel order, brain-only input, threshold 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+# Held-out sets: seeds never used for the demo model's training data (1001, 1002; docs/demo-model.md).
+EVAL_SETS: dict[str, dict[str, Any]] = {
+    "eval_in": dict(participants=6, seed=2001, field="mixed", sequence="mixed"),
+    "eval_orient": dict(participants=4, seed=2002, field="3T", sequence="mixed", orientation="mixed"),
+    "eval_uni": dict(participants=4, seed=2003, field="7T", sequence="mp2rage", uni_as_t1w=True,
+                     orientation="LPS"),
+    "eval_voxel": dict(participants=4, seed=2004, field="3T", sequence="mprage", voxel_size=(1.0, 1.0, 1.2),
+                       orientation="oblique"),
+}
+DESCRIPTIONS = {
+    "eval_in": "in-domain: 3T+7T, MP2RAGE+MPRAGE, RAS, 1 / 0.75 mm",
+    "eval_orient": "shifted: RAS/LPS/LAS/oblique storage orientation (3T)",
+    "eval_uni": "shifted: 7T UNI stored as acq-UNI_T1w, LPS",
+    "eval_voxel": "shifted: 1x1x1.2 mm MPRAGE, oblique",
+}
+
+
+@dataclass
+class Segmenter:
+    """Brain image (nibabel, any orientation) -> binary CL mask on the same grid."""
+
+    model: str
+    nthreads: int
+    tta: bool
+
+    def __post_init__(self) -> None:
+        segmenter_class = _engine_segmenter()
+        if segmenter_class is not None:  # configure once, segment many (the app's own path)
+            model = str(_model_dir(self.model)) if self.model != "demo" else "demo"
+            self._engine = segmenter_class(model, device="cpu", tta=self.tta, nthreads=self.nthreads)
+        else:
+            self._engine = None
+            self._predictor = _predictor(self.model, self.nthreads, self.tta)
+
+    @property
+    def path(self) -> str:
+        return "bids_cl.engine.CLSegmenter" if self._engine is not None else "nnUNetPredictor"
+
+    def __call__(self, brain: nib.Nifti1Image) -> np.ndarray:
+        if self._engine is not None:
+            res = self._engine.segment(brain)
+            return np.asanyarray(res.mask.dataobj) > 0
+        return _predict_native(self._predictor, brain)
+
+
+def _engine_segmenter() -> Any:
+    try:
+        from bids_cl.engine.segmentation import CLSegmenter
+    except ImportError:
+        return None
+    return CLSegmenter
+
+
+def _model_dir(model: str) -> Path:
+    if model == "demo":
+        from bids_cl.train.demo import demo_model_dir
+
+        return demo_model_dir()
+    return Path(model)
+
+
+def _predictor(model: str, nthreads: int, tta: bool) -> Any:
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    torch.set_num_threads(nthreads)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
+                                device=torch.device("cpu"), verbose=False, verbose_preprocessing=False,
+                                allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(_model_dir(model)), use_folds=None)
+    return predictor
+
+
+def _predict_native(predictor: Any, brain: nib.Nifti1Image) -> np.ndarray:
+    """Engine conventions by hand: RAS voxel order in, nnU-Net (z, y, x) axis order, back to native."""
+    ras = nib.as_closest_canonical(brain)
+    data = np.asarray(ras.get_fdata(dtype=np.float32)).transpose(2, 1, 0)[None]
+    spacing = [float(z) for z in ras.header.get_zooms()[:3][::-1]]
+    seg = predictor.predict_single_npy_array(data, {"spacing": spacing}, None, None, False)
+    seg_ras = nib.Nifti1Image(np.asarray(seg).transpose(2, 1, 0).astype(np.uint8), ras.affine)
+    back = seg_ras.as_reoriented(nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(ras.affine), nib.orientations.io_orientation(brain.affine)))
+    return np.asanyarray(back.dataobj) > 0
+
+
+def skull_strip(case: Any, img: nib.Nifti1Image, strategy: str) -> nib.Nifti1Image:
+    if strategy == "truth-mask":
+        mask = np.asanyarray(nib.load(str(case.brain_mask)).dataobj) > 0
+    else:
+        from bids_cl.preproc import skull_strip as strip
+
+        inv2 = nib.load(str(case.inv2)) if case.inv2 is not None else None
+        res = strip(img, strategy=strategy, inv2_img=inv2, nthreads=1, is_mp2rage=case.sequence == "MP2RAGE")
+        mask = np.asanyarray(res.mask.dataobj) > 0
+    data = np.where(mask, img.get_fdata(dtype=np.float32), 0).astype(np.float32)
+    return nib.Nifti1Image(data, img.affine)
+
+
+def wml_called_cl(pred: np.ndarray, wml: np.ndarray) -> tuple[int, int]:
+    """(WML distractors touched by the CL prediction, WML distractors) - 26-connected lesions."""
+    labels, n = ndimage.label(wml > 0, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return 0, 0
+    hit = np.unique(labels[(labels > 0) & pred])
+    return int(hit.size), int(n)
+
+
+def evaluate_set(name: str, root: Path, segmenter: Segmenter, strategy: str) -> list[dict[str, Any]]:
+    from bids_cl.evaluation.metrics import evaluate_masks
+    from bids_cl.train.convert import find_cases
+
+    rows = []
+    cases, _ = find_cases(root, root / "derivatives" / "manual_masks")
+    for case in cases:
+        img = nib.load(str(case.image))
+        brain = skull_strip(case, img, strategy)
+        t0 = time.monotonic()
+        pred = segmenter(brain)
+        seconds = time.monotonic() - t0
+        gt = np.asanyarray(nib.load(str(case.label)).dataobj) > 0
+        wml_path = Path(str(case.label).replace("_label-CL_mask", "_label-WML_mask"))
+        wml = np.asanyarray(nib.load(str(wml_path)).dataobj) > 0 if wml_path.is_file() else np.zeros_like(gt)
+        hit, n_wml = wml_called_cl(pred, wml)
+        row = {"set": name, "case": case.case_id, "sequence": case.sequence,
+               "orientation": "".join(nib.aff2axcodes(img.affine)), "zooms": list(img.header.get_zooms()[:3]),
+               "seconds": round(seconds, 1), "wml_hit": hit, "wml": n_wml}
+        row.update(evaluate_masks(pred, gt))
+        rows.append(row)
+        print(f"{name} {case.case_id}: F1 {row['f1']:.2f} TP {row['tp']} FP {row['fp']} USL {row['usl']} "
+              f"FN {row['fn']} Dice {row['dice']:.2f} WML->CL {hit}/{n_wml} ({seconds:.0f} s)", flush=True)
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    tp, fp, usl, fn = (sum(int(r[k]) for r in rows) for k in ("tp", "fp", "usl", "fn"))
+    wml_hit, wml = sum(r["wml_hit"] for r in rows), sum(r["wml"] for r in rows)
+    pooled_f1 = 2 * tp / (2 * tp + fp + usl + fn) if (2 * tp + fp + usl + fn) else 1.0
+    return {
+        "images": len(rows), "gt_cl": sum(int(r["n_gt"]) for r in rows), "tp": tp, "fp": fp, "usl": usl,
+        "fn": fn, "f1_pooled": pooled_f1,
+        "recall_pooled": tp / (tp + fn) if tp + fn else 1.0,
+        "precision_pooled": tp / (tp + fp + usl) if tp + fp + usl else 1.0,
+        "f1_mean": float(np.mean([r["f1"] for r in rows])),
+        "dice_mean": float(np.mean([r["dice"] for r in rows if r["n_gt"] > 0] or [np.nan])),
+        "wml_called_cl": wml_hit / wml if wml else 0.0, "wml": wml,
+        "seconds_mean": float(np.mean([r["seconds"] for r in rows])),
+    }
+
+
+def markdown(summaries: dict[str, dict[str, Any]]) -> str:
+    head = ("| set | images | GT CLs | TP | FP | USL | FN | F1 (pooled) | recall | precision "
+            "| F1 (mean/image) | Dice (mean) | WML called CL | s/image |\n|" + "---|" * 14)
+    lines = [head]
+    for name, s in summaries.items():
+        lines.append(
+            f"| {name} ({DESCRIPTIONS.get(name, '')}) | {s['images']} | {s['gt_cl']} | {s['tp']} | {s['fp']} "
+            f"| {s['usl']} | {s['fn']} | {s['f1_pooled']:.3f} | {s['recall_pooled']:.3f} "
+            f"| {s['precision_pooled']:.3f} | {s['f1_mean']:.3f} | {s['dice_mean']:.3f} "
+            f"| {s['wml_called_cl']:.3f} ({s['wml']}) | {s['seconds_mean']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def generate(root: Path, names: list[str]) -> None:
+    from bids_cl.synth.generate import generate_dataset
+
+    for name in names:
+        if not (root / name / "derivatives" / "manual_masks").is_dir():
+            print(f"generating {name} ...", flush=True)
+            generate_dataset(root / name, size="full", overwrite=True, **EVAL_SETS[name])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="demo", help="'demo' or a model folder")
+    p.add_argument("--data-root", type=Path, required=True, help="folder holding the evaluation sets")
+    p.add_argument("--sets", nargs="+", default=list(EVAL_SETS))
+    p.add_argument("--generate", action="store_true", help="generate missing evaluation sets")
+    p.add_argument("--skull-strip", default="truth-mask",
+                   help="truth-mask (phantom brain mask) or a bids_cl.preproc strategy, e.g. auto")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    p.add_argument("--nthreads", type=int, default=2)
+    p.add_argument("--out", type=Path, help="write the markdown table here (and <out>.json with rows)")
+    args = p.parse_args(argv)
+
+    if args.generate:
+        generate(args.data_root, args.sets)
+    segmenter = Segmenter(args.model, args.nthreads, args.tta)
+    print(f"model {args.model} via {segmenter.path}, skull strip {args.skull_strip}", flush=True)
+    all_rows, summaries = [], {}
+    for name in args.sets:
+        rows = evaluate_set(name, args.data_root / name, segmenter, args.skull_strip)
+        all_rows += rows
+        summaries[name] = summarise(rows)
+    table = markdown(summaries)
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"model": args.model, "path": segmenter.path, "skull_strip": args.skull_strip, "tta": args.tta,
+             "summaries": summaries, "rows": all_rows}, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

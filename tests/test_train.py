@@ -1,0 +1,224 @@
+"""The training path (bids_cl-train): conversion, plans edit, splits, trainer lookup, and one tiny end-to-end
+run (convert -> plan/preprocess -> train -> model folder -> nnUNetPredictor) plus a fine-tune from it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_cl.train.convert import build_raw_dataset, find_cases
+from bids_cl.train.plans import NetworkSpec, reduce_configuration, write_splits
+
+
+def _ball(shape: tuple[int, int, int], centre: np.ndarray, radius: float) -> np.ndarray:
+    grid = np.indices(shape).reshape(3, -1).T
+    return (np.linalg.norm(grid - centre, axis=1) <= radius).reshape(shape)
+
+
+def make_tiny_bids(root: Path, *, n_subjects: int = 4, size: int = 40, zoom: float = 2.0,
+                   seed: int = 0) -> tuple[Path, Path]:
+    """``root/bids`` (T1w, one session) and ``root/bids/derivatives/manual_masks`` (CL + brain masks).
+
+    A head is a ball of "brain" inside a brighter "skull" shell; lesions are small bright balls in the
+    brain. The affine is LPS-like (flipped x/y) so the RAS reorientation is exercised.
+    """
+    rng = np.random.default_rng(seed)
+    bids = root / "bids"
+    labels = bids / "derivatives" / "manual_masks"
+    (bids).mkdir(parents=True, exist_ok=True)
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.9.0"}))
+    affine = np.diag([-zoom, -zoom, zoom, 1.0])
+    affine[:3, 3] = [size * zoom / 2, size * zoom / 2, -size * zoom / 2]
+    shape = (size, size, size)
+    centre = np.array(shape) / 2
+    for s in range(1, n_subjects + 1):
+        sub = f"sub-{s:02d}"
+        anat = bids / sub / "ses-01" / "anat"
+        anat.mkdir(parents=True, exist_ok=True)
+        labels_sub = labels / sub / "ses-01" / "anat"
+        labels_sub.mkdir(parents=True, exist_ok=True)
+        brain = _ball(shape, centre, size * 0.36)
+        head = _ball(shape, centre, size * 0.46)
+        img = np.where(head, 160.0, 0.0) + np.where(brain, -60.0, 0.0)
+        cl = np.zeros(shape, bool)
+        for _ in range(0 if s == n_subjects else 3):  # the last subject is lesion-free
+            direction = rng.normal(size=3)
+            direction /= np.linalg.norm(direction)
+            c = centre + direction * size * 0.25
+            cl |= _ball(shape, c, rng.uniform(2.0, 3.0)) & brain
+        img = np.where(cl, 190.0, img) + rng.normal(0, 5, shape) * head
+        prefix = f"{sub}_ses-01"
+        nib.save(nib.Nifti1Image(img.astype(np.float32), affine), str(anat / f"{prefix}_T1w.nii.gz"))
+        nib.save(nib.Nifti1Image(cl.astype(np.uint8), affine),
+                 str(labels_sub / f"{prefix}_label-CL_mask.nii.gz"))
+        nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine),
+                 str(labels_sub / f"{prefix}_desc-brain_mask.nii.gz"))
+    return bids, labels
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_tiny_bids(tmp_path_factory.mktemp("tiny"))
+
+
+def test_find_cases_pairs_images_with_masks(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    bids, labels = tiny
+    extra = bids / "sub-09" / "ses-01" / "anat" / "sub-09_ses-01_T1w.nii.gz"  # no manual mask
+    extra.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(extra))
+    try:
+        cases, unannotated = find_cases(bids, labels)
+    finally:
+        extra.unlink()
+        extra.parent.rmdir()
+    assert [c.case_id for c in cases] == [f"sub-0{i}_ses-01" for i in range(1, 5)]
+    assert unannotated == ["sub-09_ses-01"]
+    assert {c.sequence for c in cases} == {"MPRAGE"}
+    assert all(c.brain_mask is not None for c in cases)
+    only = find_cases(bids, labels, participants=["sub-02"])[0]
+    assert [c.participant for c in only] == ["02"]
+
+
+def test_convert_strips_zeroes_background_and_reorients(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    bids, labels = tiny
+    cases = find_cases(bids, labels, participants=["01"])[0]
+    raw = tmp_path / "Dataset999_T"
+    build_raw_dataset(cases, raw, skull_strip="truth-mask", log=lambda _m: None)
+    img = nib.load(str(raw / "imagesTr" / "sub-01_ses-01_0000.nii.gz"))
+    seg = nib.load(str(raw / "labelsTr" / "sub-01_ses-01.nii.gz"))
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")  # the source is LPS-like
+    assert np.allclose(img.affine, seg.affine)
+    brain = nib.as_closest_canonical(nib.load(str(cases[0].brain_mask))).get_fdata() > 0
+    data = img.get_fdata()
+    assert np.all(data[~brain] == 0) and np.all(data[brain] != 0)  # skull gone, background exactly 0
+    assert set(np.unique(seg.get_fdata())) == {0.0, 1.0}
+    source_lesions = nib.load(str(cases[0].label)).get_fdata().sum()
+    assert seg.get_fdata().sum() == source_lesions
+    meta = json.loads((raw / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "T1w"} and meta["labels"] == {"background": 0, "CL": 1}
+    assert meta["numTraining"] == 1 and meta["file_ending"] == ".nii.gz"
+
+
+def _conf() -> dict:
+    return {"patch_size": [128, 128, 128], "batch_size": 2, "architecture": {"arch_kwargs": {
+        "n_stages": 6, "features_per_stage": [32, 64, 128, 256, 320, 320],
+        "kernel_sizes": [[3, 3, 3]] * 6, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
+        "n_conv_per_stage": [2] * 6, "n_conv_per_stage_decoder": [2] * 5}}}
+
+
+def test_reduce_configuration_caps_network_consistently() -> None:
+    conf = reduce_configuration(_conf(), NetworkSpec(max_stages=4, base_features=16, max_features=48,
+                                                     patch_size=(60, 64, 70), batch_size=4,
+                                                     batch_dice=True))
+    arch = conf["architecture"]["arch_kwargs"]
+    assert arch["n_stages"] == 4 and arch["features_per_stage"] == [16, 32, 48, 48]
+    assert len(arch["kernel_sizes"]) == len(arch["strides"]) == len(arch["n_conv_per_stage"]) == 4
+    assert len(arch["n_conv_per_stage_decoder"]) == 3
+    assert conf["patch_size"] == [64, 64, 72]  # rounded up to multiples of the 8x downsampling
+    assert conf["batch_size"] == 4 and conf["batch_dice"] is True
+    assert _conf()["architecture"]["arch_kwargs"]["n_stages"] == 6  # input untouched
+    assert reduce_configuration(_conf(), NetworkSpec()) == _conf()
+
+
+def test_splits_keep_participants_together(tmp_path: Path) -> None:
+    cases = {f"sub-{p}_ses-{s}": p for p in ("01", "02", "03", "04", "05") for s in ("01", "02")}
+    one = write_splits(tmp_path, cases, folds=1, val_fraction=0.2, seed=0)
+    assert len(one) == 1 and len(one[0]["val"]) == 2 and len(one[0]["train"]) == 8
+    assert len({cases[c] for c in one[0]["val"]}) == 1
+    folds = write_splits(tmp_path, cases, folds=5, val_fraction=0.2, seed=0)
+    assert sorted(c for f in folds for c in f["val"]) == sorted(cases)
+    for f in folds:
+        assert not {cases[c] for c in f["val"]} & {cases[c] for c in f["train"]}
+    assert json.loads((tmp_path / "splits_final.json").read_text()) == folds
+
+
+def test_trainer_is_found_by_name_through_ext_trainer_shim(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from bids_cl.train.trainers import (
+        BidsClTrainer,
+        TrainerSettings,
+        inference_compatible,
+        register_ext_trainer_dir,
+    )
+
+    monkeypatch.setenv("nnUNet_extTrainer", "")
+    register_ext_trainer_dir(tmp_path / "ext")
+    assert recursive_find_trainer_class_by_name("BidsClTrainer") is BidsClTrainer
+    assert inference_compatible(BidsClTrainer)  # so exported checkpoints can say nnUNetTrainer
+    settings = TrainerSettings(num_epochs=3, iterations_per_epoch=2, time_budget_s=9.0)
+    monkeypatch.setenv("BIDS_CL_TRAINER_SETTINGS", settings.to_env())
+    assert TrainerSettings.from_env() == settings
+
+
+def _predict(model_dir: Path, image: Path) -> np.ndarray:
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                device=torch.device("cpu"), verbose=False, verbose_preprocessing=False,
+                                allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=None)
+    img = nib.load(str(image))
+    data = np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0)[None]  # nnU-Net axis order
+    spacing = [float(z) for z in img.header.get_zooms()[::-1]]
+    return predictor.predict_single_npy_array(data, {"spacing": spacing}, None, None, False)
+
+
+@pytest.mark.slow
+def test_train_end_to_end_then_fine_tune(tiny: tuple[Path, Path], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from bids_cl.train.cli import main
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer",
+                "nnUNet_n_proc_DA", "nnUNet_def_n_proc", "nnUNet_compile"):
+        monkeypatch.setenv(var, os.environ.get(var, ""))  # restored after the test
+    threads = torch.get_num_threads()
+    bids, labels = tiny
+    work = tmp_path / "work"
+    common = ["--skull-strip", "truth-mask", "--device", "cpu", "--nthreads", "1", "--n-proc-da", "0",
+              "--iterations-per-epoch", "3", "--val-iterations", "1"]
+    try:
+        rc = main([str(bids), str(labels), str(work), "--target-spacing", "2", "--max-stages", "3",
+                   "--base-features", "4", "--max-features", "16", "--patch-size", "32",
+                   "--epochs", "50", "--time-budget-min", "0.1", "--name", "tiny", *common])
+        assert rc == 0
+        model = work / "model"
+        meta = json.loads((model / "bids_cl_model.json").read_text())
+        assert meta["orientation"] == "RAS" and meta["name"] == "tiny"
+        assert meta["trainer_class"] == "bids_cl.train.trainers.BidsClTrainer"
+        assert 1 <= meta["training"]["folds"][0]["epochs"] < 50  # the time budget stopped it
+        for fname in ("dataset.json", "plans.json", "dataset_fingerprint.json",
+                      "fold_0/checkpoint_final.pth"):
+            assert (model / fname).is_file(), fname
+        ckpt = torch.load(str(model / "fold_0" / "checkpoint_final.pth"), weights_only=False)
+        assert ckpt["trainer_name"] == "nnUNetTrainer" and ckpt["optimizer_state"] is None
+
+        case = work / "nnUNet_raw" / "Dataset501_BidsClCL" / "imagesTr" / "sub-01_ses-01_0000.nii.gz"
+        seg = _predict(model, case)
+        assert seg.shape == nib.load(str(case)).shape[::-1]
+        assert set(np.unique(seg)) <= {0, 1}
+
+        # A lab fine-tuning that model on "its own" data: same plans, weights as the start point.
+        tuned = tmp_path / "tuned"
+        rc = main([str(bids), str(labels), str(tmp_path / "work2"), "--from-model", str(model),
+                   "--epochs", "1", "--participant-label", "01", "02", "--output-model", str(tuned),
+                   *common])
+        assert rc == 0
+        assert json.loads((tuned / "plans.json").read_text())["configurations"]["3d_fullres"][
+            "architecture"] == json.loads((model / "plans.json").read_text())["configurations"][
+            "3d_fullres"]["architecture"]
+        tuned_meta = json.loads((tuned / "bids_cl_model.json").read_text())
+        assert tuned_meta["training"]["fine_tuned_from"] == str(model)
+        assert tuned_meta["training"]["participants"] == ["01", "02"]
+        assert _predict(tuned, case).shape == seg.shape
+    finally:
+        torch.set_num_threads(threads)
