@@ -173,3 +173,16 @@ def test_plugin_file(mp2rage_dataset: Path, tmp_path: Path) -> None:
         parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant",
                     "--use-plugin", str(plugin)])
     assert err.value.code == 64
+
+
+def test_exit_1_unexpected_failure(tmp_path: Path) -> None:
+    """A failure that fits no other code (here: a Nipype plugin that does not exist) exits 1."""
+    root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": None})
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: NoSuchPlugin\nplugin_args: {}\n")
+    proc = run_cli(root, tmp_path / "out", "participant", "--skip-bids-validation", "--model",
+                   "demo", "--output-spaces", "native", "--use-plugin", plugin,
+                   "-w", tmp_path / "work")
+    assert proc.returncode == 1, proc.stderr
+    assert "sub-01 failed" in proc.stderr
+    assert "Traceback" not in proc.stderr
