@@ -222,3 +222,21 @@ def test_train_end_to_end_then_fine_tune(tiny: tuple[Path, Path], tmp_path: Path
         assert _predict(tuned, case).shape == seg.shape
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_convert_uses_the_workflow_skull_strip(tmp_path: Path) -> None:
+    """Default conversion = the participant workflow's skull stripping (bids_cl.preproc), not the truth."""
+    pytest.importorskip("bids_cl.preproc")
+    from bids_cl.synth.generate import generate_dataset
+
+    root = generate_dataset(tmp_path / "ph", participants=1, seed=3, size="tiny", sequence="mp2rage",
+                            lesion_free_fraction=0.0)
+    cases = find_cases(root, root / "derivatives" / "manual_masks")[0]
+    assert cases[0].inv2 is not None and cases[0].sequence == "MP2RAGE"
+    build_raw_dataset(cases, tmp_path / "Dataset998_T", skull_strip="auto", log=lambda _m: None)
+    assert cases[0].record["skull_strip"] not in ("truth-mask", "none")
+    img = nib.load(str(tmp_path / "Dataset998_T" / "imagesTr" / f"{cases[0].case_id}_0000.nii.gz"))
+    brain = img.get_fdata() != 0
+    truth = nib.as_closest_canonical(nib.load(str(cases[0].brain_mask))).get_fdata() > 0
+    assert 2 * (brain & truth).sum() / (brain.sum() + truth.sum()) > 0.9

@@ -32,8 +32,8 @@ FILE_ENDING = ".nii.gz"
 #               folder. A training shortcut: it is not what the participant workflow does.
 #   none:       the images are already skull stripped (background exactly 0).
 SKULL_STRIP_SHORTCUTS = ("truth-mask", "none")
-# Used only when bids_cl.preproc does not say which strategies it has.
-FALLBACK_PREPROC_STRATEGIES = ("auto", "deepbet", "synthstrip", "inv2", "threshold")
+# Used only when bids_cl.preproc cannot be imported (its own list is ``bids_cl.preproc.STRATEGIES``).
+FALLBACK_PREPROC_STRATEGIES = ("auto", "synthstrip", "deepbet", "inv2", "ants")
 
 _TARGET_RE = re.compile(r"^(?P<prefix>sub-[^_]+(?:_[a-zA-Z0-9]+-[^_]+)*)_(?P<suffix>UNIT1|T1w)\.nii(\.gz)?$")
 
@@ -62,10 +62,8 @@ def preproc_strategies() -> tuple[str, ...]:
         from bids_cl import preproc
     except Exception:  # noqa: BLE001  (a broken optional dependency must not break --help)
         return FALLBACK_PREPROC_STRATEGIES + SKULL_STRIP_SHORTCUTS
-    listed = getattr(preproc, "SKULL_STRIP_STRATEGIES", None)
-    if listed:
-        return tuple(listed) + SKULL_STRIP_SHORTCUTS
-    return FALLBACK_PREPROC_STRATEGIES + SKULL_STRIP_SHORTCUTS
+    listed = tuple(getattr(preproc, "STRATEGIES", ()) or FALLBACK_PREPROC_STRATEGIES)
+    return tuple(dict.fromkeys(listed + SKULL_STRIP_SHORTCUTS))
 
 
 def _entities(prefix: str) -> dict[str, str]:

@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from bids_cl.errors import EXIT_MISSING_INPUT, BidsClError
+
 MODEL_JSON = "bids_cl_model.json"
 NEUTRAL_TRAINER = "nnUNetTrainer"
 TRAINER_CLASS = "bids_cl.train.trainers.BidsClTrainer"
@@ -58,7 +60,7 @@ def export_model(training_output_dir: Path, model_dir: Path, *, folds: list[int]
     for fold in folds:
         src = training_output_dir / f"fold_{fold}" / "checkpoint_final.pth"
         if not src.is_file():
-            raise FileNotFoundError(f"training did not finish: {src} is missing")
+            raise BidsClError(f"training did not finish: {src} is missing", EXIT_MISSING_INPUT)
         ckpt_info[str(fold)] = slim_checkpoint(src, model_dir / f"fold_{fold}" / "checkpoint_final.pth",
                                                trainer_class=trainer_class)
     meta = {

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bids_cl.errors import EXIT_MISSING_INPUT, EXIT_USAGE, BidsClError
 from bids_cl.train.convert import build_raw_dataset, find_cases
 from bids_cl.train.plans import (
     CONFIGURATION,
@@ -91,7 +92,7 @@ def resolve_device(name: str, nthreads: int) -> Any:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available")
+        raise BidsClError("--device cuda: no CUDA device is available", EXIT_USAGE)
     if name == "cpu":
         torch.set_num_threads(max(1, nthreads))
     else:
@@ -123,7 +124,8 @@ def step_convert(opts: TrainOptions) -> None:
 def step_plan(opts: TrainOptions) -> None:
     raw_dir, pp_dir = _dataset_dirs(opts)
     if not (raw_dir / "dataset.json").is_file():
-        raise FileNotFoundError(f"no converted dataset in {raw_dir}: run the convert step first")
+        raise BidsClError(f"no converted dataset in {raw_dir}: run the convert step first",
+                          EXIT_MISSING_INPUT)
     if opts.from_model is not None:
         plans_from_model(opts.dataset_id, opts.from_model, log=_log)
     else:
@@ -132,8 +134,11 @@ def step_plan(opts: TrainOptions) -> None:
     _log("preprocessing (nnU-Net DefaultPreprocessor)")
     preprocess(opts.dataset_id, num_processes=max(1, opts.nthreads))
     cases = json.loads((raw_dir / "bids_cl_cases.json").read_text())
-    splits = write_splits(pp_dir, {c["case_id"]: c["participant"] for c in cases}, folds=opts.folds,
-                          val_fraction=opts.val_fraction, seed=opts.split_seed)
+    try:
+        splits = write_splits(pp_dir, {c["case_id"]: c["participant"] for c in cases}, folds=opts.folds,
+                              val_fraction=opts.val_fraction, seed=opts.split_seed)
+    except ValueError as exc:
+        raise BidsClError(f"--folds: {exc}", EXIT_USAGE) from exc
     _log(f"{len(splits)} split(s): " + "; ".join(f"{len(s['train'])} train / {len(s['val'])} val"
                                                   for s in splits))
 

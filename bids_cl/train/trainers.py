@@ -66,7 +66,7 @@ class TrainerSettings:
 
 
 class _TimeBudgetReached(Exception):
-    """Raised at an epoch boundary when the next epoch would overrun the time budget."""
+    """The time budget is spent (checked between iterations and predicted at epoch ends)."""
 
 
 class _BudgetPolyLR(PolyLRScheduler):
