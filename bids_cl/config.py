@@ -91,15 +91,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in values.items():
-            if key not in known:
-                continue
-            if value is not None and key in _PATH_FIELDS:
-                value = Path(value)
-            kwargs[key] = value
-        return cls(**kwargs)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: coerce_field(k, v) for k, v in values.items() if k in known})
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
@@ -129,6 +122,11 @@ _PATH_FIELDS = {
     "use_plugin",
     "synthstrip_model",
 }
+
+
+def coerce_field(key: str, value: Any) -> Any:
+    """A value read from TOML/JSON in the type the RunConfig field holds (paths as Path)."""
+    return Path(value) if value is not None and key in _PATH_FIELDS else value
 
 
 def _plain(value: Any) -> Any:

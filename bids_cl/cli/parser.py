@@ -6,7 +6,6 @@ Parsing only: nothing here touches the dataset beyond checking that paths exist.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from bids_cl.config import (
     DEVICE_CHOICES,
     SKULL_STRIP_CHOICES,
     RunConfig,
+    coerce_field,
 )
 from bids_cl.errors import EXIT_UNKNOWN_LEVEL, EXIT_USAGE, BidsClError
 
@@ -209,9 +209,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         version=__version__,
     )
     for key, value in _merge_config_file(args, argv).items():
-        if hasattr(config, key):
-            setattr(config, key, RunConfig.from_dict({"bids_dir": ".", "output_dir": ".",
-                                                      key: value}).__dict__[key])
+        setattr(config, key, coerce_field(key, value))
     if config.bids_filter_file is not None:
         config.bids_filters = load_bids_filters(config.bids_filter_file)
     if config.use_plugin is not None:
@@ -249,12 +247,7 @@ def _refuse_not_implemented(config: RunConfig) -> None:
 
 def _fill_resources(config: RunConfig) -> None:
     """Threads and memory follow the options, else the Slurm allocation, never the whole node."""
-    try:
-        from bids_cl.utils.resources import effective_cpus, effective_mem_mb
-    except ImportError:  # pragma: no cover - resources module ships with the package
-        cpus = len(os.sched_getaffinity(0))
-        config.nprocs = config.nprocs or cpus
-        config.omp_nthreads = config.omp_nthreads or 1
-        return
+    from bids_cl.utils.resources import effective_cpus, effective_mem_mb
+
     config.nprocs, config.omp_nthreads = effective_cpus(config.nprocs, config.omp_nthreads)
     config.mem_mb = effective_mem_mb(config.mem_mb)

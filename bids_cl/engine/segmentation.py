@@ -76,7 +76,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     except RuntimeError as exc:
         raise BidsClError(f"unknown device {device!r}: {exc}", EXIT_USAGE) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BidsClError("device 'cuda' requested but no CUDA GPU is available", EXIT_USAGE)
+        # A GPU job on a node without a usable GPU lacks a required resource (66), it is no usage error.
+        raise BidsClError("--device cuda was requested but no CUDA device is visible "
+                          "(containers need --nv / --gpus)", EXIT_MISSING_INPUT)
     return dev
 
 

@@ -22,6 +22,7 @@ from bids_cl.reports.collect import (
     participant_status,
     read_json,
 )
+from bids_cl.workflows.outputs import LESION_TABLE_DICTIONARY
 
 IMAGE_COLUMNS: dict[str, dict[str, Any]] = {
     "participant_id": {"Description": "participant (BIDS label with sub- prefix)"},
@@ -49,26 +50,12 @@ IMAGE_COLUMNS: dict[str, dict[str, Any]] = {
     "n_warnings": {"Description": "number of warnings in the summary"},
     "bids_cl_version": {"Description": "bids_cl version that produced the outputs"},
 }
+# The per-lesion columns are described once, where the participant tables are written.
 LESION_DICTIONARY: dict[str, dict[str, Any]] = {
     "participant_id": IMAGE_COLUMNS["participant_id"],
     "session_id": IMAGE_COLUMNS["session_id"],
     "prefix": IMAGE_COLUMNS["prefix"],
-    "lesion_id": {"Description": "label of the lesion in the connected-component labelling of "
-                                 "the image's lesion mask"},
-    "voxels": {"Description": "lesion size", "Units": "voxels"},
-    "volume_ul": {"Description": "lesion volume", "Units": "uL"},
-    "mean_prob": {"Description": "mean ensemble probability inside the lesion"},
-    "max_prob": {"Description": "maximum ensemble probability inside the lesion"},
-    "uncertainty": {"Description": "lesion uncertainty as reported by the engine"},
-    **{f"centroid_{a}": {"Description": f"lesion centroid, voxel index {a} (input grid)"}
-       for a in "ijk"},
-    **{f"centroid_{a}": {"Description": f"lesion centroid, scanner {a} coordinate",
-                         "Units": "mm"} for a in "xyz"},
-    **{f"bbox_{a}{e}": {"Description": f"lesion bounding box, voxel index {a} "
-                                      + ("start" if e == "0" else "end")}
-       for a in "ijk" for e in "01"},
-    **{f"template_{a}": {"Description": f"lesion centroid in the template space, {a} coordinate",
-                         "Units": "mm"} for a in "xyz"},
+    **LESION_TABLE_DICTIONARY,
 }
 STATUS_COLUMNS = ["participant_id", "status", "n_targets", "missing_targets", "reason",
                   "report", "crash_files"]

@@ -291,8 +291,6 @@ def _entity_string(entities: dict[str, Any]) -> str:
         value = entities.get(name)
         if value is None or value == "":
             continue
-        if name in ("run", "echo", "flip", "inv", "mt", "chunk") and str(value).isdigit():
-            value = str(value) if name != "run" else str(value)
         parts.append(f"{_ENTITY_KEYS[name]}-{value}")
     return "_".join(parts)
 

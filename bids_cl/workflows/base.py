@@ -20,7 +20,7 @@ from nipype.pipeline import engine as pe
 
 from bids_cl import __version__
 from bids_cl.config import RunConfig
-from bids_cl.errors import EXIT_FAILURE, EXIT_MISSING_INPUT, EXIT_OK, BidsClError
+from bids_cl.errors import EXIT_FAILURE, EXIT_OK, BidsClError
 from bids_cl.interfaces import (
     RegisterToTemplate,
     ResampleToTemplate,
@@ -174,27 +174,17 @@ def init_template_wf(config: RunConfig, *, name: str = "template_wf") -> pe.Work
 # Execution
 
 
-def _resolve_device(requested: str) -> str:
-    import torch
-
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise BidsClError("--device cuda was requested but no CUDA device is visible "
-                          "(containers need --nv / --gpus)", EXIT_MISSING_INPUT)
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
-
-
 def _preflight(config: RunConfig) -> dict[str, Any]:
     """Fail fast, before any work: model present and trusted, templates present, device usable."""
     from bids_cl.engine import load_model
+    from bids_cl.engine.segmentation import resolve_device
 
     model = load_model(config.model)
     if config.output_spaces:
         from bids_cl.preproc import check_templates
 
         check_templates(config.output_spaces)
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device).type
     if device == "cpu" and config.device == "auto":
         LOGGER.warning("No CUDA device found: segmenting on the CPU (slower; test-time "
                        "augmentation off unless asked).")
