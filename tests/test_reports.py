@@ -80,7 +80,11 @@ def test_report_content(built: FakeDataset) -> None:
         assert _lesion_rows(page, prefix) == built.counts[prefix]
         assert f"sub-02/figures/{prefix}_desc-lesions_T1w.png" in page
     # Provenance from the summary JSON: model warning, OOD warning, strategy, timings, versions.
-    assert "demo model trained on phantoms only" in page
+    # One model banner per section, not repeated as an engine warning (the engine lists it among its
+    # warnings); the engine's other warnings are kept.
+    assert page.count("<b>Model:</b> demo model trained on phantoms only") == 2
+    assert "<b>Warning:</b> demo model" not in page
+    assert page.count("<b>Warning:</b> the fold predictions disagree on 2 lesions") == 2
     assert "image intensities outside the training range" in page
     assert "synthstrip" in page and "segment" in page and "bids_cl-demo" in page
     assert "docker" in page  # container from dataset_description.json

@@ -155,7 +155,9 @@ def _warnings(target: TargetOutputs) -> list[tuple[str, str]]:
     if s.get("OODWarning"):
         out.append(("Out of distribution", str(s["OODWarning"])))
     for w in s.get("Warnings") or []:
-        out.append(("Warning", str(w)))
+        # The engine repeats the model's own warning among its warnings; the banner above already has it.
+        if str(w) != warning:
+            out.append(("Warning", str(w)))
     return out
 
 

@@ -218,7 +218,9 @@ def make_fake_derivatives(root: str | Path, *, seed: int = 0) -> FakeDataset:
                                if (sub, ses) == ("02", "02") else None),
                 "Threshold": 0.5, "Connectivity": 26, "MinLesionSize": 3, "Inputs": item,
                 "Timings": TIMINGS,
-                "Warnings": [], "Space": [SPACE],
+                # as the engine writes them: the model's own warning first, then its own findings
+                "Warnings": [MODEL["warning"], "the fold predictions disagree on 2 lesions"],
+                "Space": [SPACE],
                 "GeneratedBy": {"Name": "bids_cl", "Version": "0.1.0"},
             }
             if sub == "03":  # as the workflow does: timings in the run's log, not the summary
