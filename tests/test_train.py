@@ -240,3 +240,47 @@ def test_convert_uses_the_workflow_skull_strip(tmp_path: Path) -> None:
     brain = img.get_fdata() != 0
     truth = nib.as_closest_canonical(nib.load(str(cases[0].brain_mask))).get_fdata() > 0
     assert 2 * (brain & truth).sum() / (brain.sum() + truth.sum()) > 0.9
+
+
+def _loader(offset: float):
+    from types import SimpleNamespace
+
+    from bids_cl.train.trainers import OffCentreDataLoader
+
+    data = SimpleNamespace(identifiers=["case"])
+    labels = SimpleNamespace(all_labels=[0, 1], has_ignore_label=False)
+    # initial (augmentation) patch 40^3 around a final 32^3 patch, as nnU-Net's trainer builds them
+    return OffCentreDataLoader(data, 1, (40, 40, 40), (32, 32, 32), labels, oversample_foreground_percent=1.0,
+                               foreground_offset=offset)
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.8])
+def test_foreground_patches_are_moved_off_the_lesion(offset: float) -> None:
+    """nnU-Net centres every lesion-forced patch on the lesion voxel; the offset spreads it over the patch."""
+    loader = _loader(offset)
+    voxel = np.array([50, 60, 40])
+    locations = {1: np.array([[0, *voxel]])}
+    positions = []
+    for _ in range(400):
+        lbs, ubs = loader.get_bbox(np.array([100, 120, 90]), True, locations)
+        assert (np.array(ubs) - np.array(lbs) == 40).all()
+        # position of the lesion voxel in the final patch (centre crop of the initial one)
+        positions.append(voxel - (np.array(lbs) + 4))
+    positions = np.array(positions)
+    assert ((positions >= 0) & (positions < 32)).all()  # the lesion is always in the patch the net sees
+    if offset == 0:
+        assert (positions == 16).all()
+    else:
+        reach = int(16 * offset)
+        assert positions.min() == 16 - reach and positions.max() == 16 + reach
+        assert positions.std() > reach / 3
+
+
+def test_foreground_offset_stays_inside_the_image() -> None:
+    loader = _loader(0.8)
+    shape = np.array([36, 36, 36])
+    for voxel in ([0, 0, 0], [35, 35, 35], [18, 2, 33]):
+        for _ in range(50):
+            lbs, ubs = loader.get_bbox(shape, True, {1: np.array([[0, *voxel]])})
+            # nnU-Net's admissible range: padding of (40 - 32) // 2 = 4 voxels beyond each side at most
+            assert (np.array(lbs) >= -4).all() and (np.array(ubs) <= shape + 4).all()

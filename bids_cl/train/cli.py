@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "('demo' = the packaged demo model); network options below are then ignored")
     g.add_argument("--target-spacing", type=float, default=1.0, help="isotropic spacing in mm (default 1)")
     g.add_argument("--small-network", action="store_true",
-                   help="the demo model's reduced network (4 stages, 16-96 features, 64^3 patch)")
+                   help="the demo model's reduced network (4 stages, 12-96 features, 32^3 patch, batch 4)")
     g.add_argument("--max-stages", type=int)
     g.add_argument("--base-features", type=int)
     g.add_argument("--max-features", type=int)
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-budget-min", type=float,
                    help="stop after this many minutes of training (learning rate decays to match)")
     g.add_argument("--oversample-foreground", type=float, help="nnU-Net default 0.33")
+    g.add_argument("--foreground-offset", type=float, default=d.foreground_offset,
+                   help="move lesion-forced patches so the lesion lands within this fraction of half a patch "
+                        "from the centre (0 = nnU-Net: always at the centre; the demo model uses 0.8)")
     g.add_argument("--folds", type=int, default=1,
                    help="1 (default): one model, participants split train/validation by --val-fraction; "
                         "k>1: k-fold cross-validation by participant, k models (an ensemble)")
@@ -120,7 +123,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         num_epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
         val_iterations=args.val_iterations, initial_lr=args.learning_rate, save_every=args.save_every,
         time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None,
-        oversample_foreground=args.oversample_foreground)
+        oversample_foreground=args.oversample_foreground, foreground_offset=args.foreground_offset)
     return TrainOptions(
         bids_dir=args.bids_dir, labels_dir=args.labels_dir, work_dir=args.work_dir,
         output_model=args.output_model, participants=args.participant_label, sequences=args.sequence,

@@ -18,6 +18,8 @@ Only absolute imports here: nnU-Net's external lookup imports modules as top-lev
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
 import time
@@ -26,9 +28,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+# the module (not the class of the same name) whose global nnUNetDataLoader get_dataloaders calls
+nnunet_trainer_module = importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
 
 SETTINGS_ENV = "BIDS_CL_TRAINER_SETTINGS"
 SHIM_MODULE = "bids_cl_nnunet_trainers"
@@ -48,6 +55,11 @@ class TrainerSettings:
     # low learning rate instead of mid-schedule.
     time_budget_s: float | None = None
     oversample_foreground: float | None = None
+    # nnU-Net puts the sampled lesion voxel at the exact centre of every foreground-forced patch. With small
+    # patches and heavy oversampling the network learns that shortcut ("a lesion sits in the middle") and
+    # at sliding-window inference paints a lesion in the middle of every window. A fraction f > 0 moves the
+    # patch so that the voxel lands anywhere within f x half the patch from the centre (0: nnU-Net as is).
+    foreground_offset: float = 0.0
 
     @classmethod
     def from_env(cls) -> TrainerSettings:
@@ -84,6 +96,37 @@ class _BudgetPolyLR(PolyLRScheduler):
         super().step(current_step)
 
 
+def foreground_patch_start(start: np.ndarray, lower: np.ndarray, upper: np.ndarray, final_patch: np.ndarray,
+                           fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Shift a lesion-centred patch start by up to ``fraction`` x half the (final) patch, within bounds."""
+    reach = np.floor(np.asarray(final_patch) // 2 * fraction).astype(int)
+    shift = np.array([rng.integers(-r, r + 1) for r in reach], dtype=int)
+    return np.clip(np.asarray(start) + shift, lower, upper)
+
+
+class OffCentreDataLoader(nnUNetDataLoader):
+    """nnU-Net's data loader, with foreground-forced patches no longer centred on their lesion voxel."""
+
+    def __init__(self, *args: Any, foreground_offset: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.foreground_offset = float(foreground_offset)
+        self._rng = np.random.default_rng()
+
+    def get_bbox(self, data_shape: np.ndarray, force_fg: bool, class_locations: dict | None,
+                 overwrite_class: Any = None, verbose: bool = False) -> tuple[list[int], list[int]]:
+        lbs, ubs = super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
+        if not force_fg or self.foreground_offset <= 0:
+            return lbs, ubs
+        # The same admissible range of patch starts as nnU-Net's get_bbox.
+        dim = len(data_shape)
+        pad = np.maximum(self.need_to_pad[:dim], np.asarray(self.patch_size[:dim]) - np.asarray(data_shape))
+        lower = -(pad // 2)
+        upper = np.asarray(data_shape) + pad // 2 + pad % 2 - np.asarray(self.patch_size[:dim])
+        start = foreground_patch_start(np.asarray(lbs), lower, upper, np.asarray(self.final_patch_size[:dim]),
+                                       self.foreground_offset, self._rng)
+        return start.tolist(), (start + np.asarray(self.patch_size[:dim])).tolist()
+
+
 class BidsClTrainer(nnUNetTrainer):
     """nnUNetTrainer with a configurable (short) schedule; the network comes from the plans unchanged."""
 
@@ -111,6 +154,19 @@ class BidsClTrainer(nnUNetTrainer):
 
     def _elapsed(self) -> float:
         return 0.0 if self._t0 is None else time.monotonic() - self._t0
+
+    def get_dataloaders(self) -> tuple[Any, Any]:
+        if self.settings.foreground_offset <= 0:
+            return super().get_dataloaders()
+        # nnU-Net builds its loaders inside get_dataloaders by the module-level name; swapping that name for
+        # the call reuses all of nnU-Net's loader and augmentation set-up instead of restating it.
+        original = nnunet_trainer_module.nnUNetDataLoader
+        nnunet_trainer_module.nnUNetDataLoader = functools.partial(
+            OffCentreDataLoader, foreground_offset=self.settings.foreground_offset)
+        try:
+            return super().get_dataloaders()
+        finally:
+            nnunet_trainer_module.nnUNetDataLoader = original
 
     def configure_optimizers(self) -> tuple[Any, Any]:
         # nnU-Net's SGD; only the scheduler is swapped for one that also counts the time budget.
