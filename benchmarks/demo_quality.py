@@ -4,12 +4,14 @@ For every evaluation set (phantom datasets whose seeds were never used for train
 skull stripped, segmented with the model and scored against the phantom's truth with bids_cl's lesion-wise
 metrics (paper definitions: 26-connected lesions, adjusted IoU >= 0.25 for a true positive):
 
-    /work/venv/bin/python benchmarks/demo_quality.py --data-root /work/tmp_train/demo \
+    /work/venv/bin/python benchmarks/demo_quality.py --data-root /tmp/demo_eval/tiny --size tiny \
         --generate --out docs-table.md
 
-``--generate`` (re)creates missing evaluation sets with bids_cl.synth (the seeds below). The model runs
-through ``bids_cl.engine.CLSegmenter`` when the engine provides it (the path the app uses), otherwise through
-nnU-Net's predictor with the engine's conventions (RAS voxel order, brain-only input, threshold 0.5).
+``--generate`` (re)creates missing evaluation sets with bids_cl.synth (the seeds below) at ``--size``
+(``tiny``, 2 mm, the demo model's domain; ``full``, 1 / 0.75 mm). Keep one ``--data-root`` per size.
+The model runs through ``bids_cl.engine.CLSegmenter`` when the engine provides it (the path the app uses),
+otherwise through nnU-Net's predictor with the engine's conventions (RAS voxel order, brain-only input,
+threshold 0.5).
 """
 
 from __future__ import annotations
@@ -26,21 +28,31 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-# Held-out sets: seeds never used for the demo model's training data (1001, 1002; docs/demo-model.md).
+# Held-out sets: seeds never used for the demo model's training data (1001-1003; bids_cl/train/demo.py).
 EVAL_SETS: dict[str, dict[str, Any]] = {
-    "eval_in": dict(participants=6, seed=2001, field="mixed", sequence="mixed"),
-    "eval_orient": dict(participants=4, seed=2002, field="3T", sequence="mixed", orientation="mixed"),
-    "eval_uni": dict(participants=4, seed=2003, field="7T", sequence="mp2rage", uni_as_t1w=True,
+    "eval_in": dict(participants=10, seed=2001, field="mixed", sequence="mixed"),
+    "eval_orient": dict(participants=6, seed=2002, field="3T", sequence="mixed", orientation="mixed"),
+    "eval_uni": dict(participants=6, seed=2003, field="7T", sequence="mp2rage", uni_as_t1w=True,
                      orientation="LPS"),
-    "eval_voxel": dict(participants=4, seed=2004, field="3T", sequence="mprage", voxel_size=(1.0, 1.0, 1.2),
-                       orientation="oblique"),
+    # anisotropic: the size's voxel edge, 1.2 x along the last axis
+    "eval_voxel": dict(participants=6, seed=2004, field="3T", sequence="mprage", orientation="oblique"),
 }
+VOXEL_EDGE_MM = {"tiny": 2.0, "full": 1.0}
 DESCRIPTIONS = {
-    "eval_in": "in-domain: 3T+7T, MP2RAGE+MPRAGE, RAS, 1 / 0.75 mm",
+    "eval_in": "in-domain: 3T+7T, MP2RAGE+MPRAGE, RAS",
     "eval_orient": "shifted: RAS/LPS/LAS/oblique storage orientation (3T)",
     "eval_uni": "shifted: 7T UNI stored as acq-UNI_T1w, LPS",
-    "eval_voxel": "shifted: 1x1x1.2 mm MPRAGE, oblique",
+    "eval_voxel": "shifted: anisotropic voxels (1.2x along z), MPRAGE, oblique",
 }
+
+
+def set_options(name: str, size: str) -> dict[str, Any]:
+    """generate_dataset keywords of an evaluation set at one phantom size."""
+    options = dict(EVAL_SETS[name], size=size)
+    if name == "eval_voxel":
+        edge = VOXEL_EDGE_MM[size]
+        options["voxel_size"] = (edge, edge, 1.2 * edge)
+    return options
 
 
 @dataclass
@@ -188,13 +200,13 @@ def markdown(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def generate(root: Path, names: list[str]) -> None:
+def generate(root: Path, names: list[str], size: str) -> None:
     from bids_cl.synth.generate import generate_dataset
 
     for name in names:
         if not (root / name / "derivatives" / "manual_masks").is_dir():
-            print(f"generating {name} ...", flush=True)
-            generate_dataset(root / name, size="full", overwrite=True, **EVAL_SETS[name])
+            print(f"generating {name} ({size}) ...", flush=True)
+            generate_dataset(root / name, overwrite=True, **set_options(name, size))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", type=Path, required=True, help="folder holding the evaluation sets")
     p.add_argument("--sets", nargs="+", default=list(EVAL_SETS))
     p.add_argument("--generate", action="store_true", help="generate missing evaluation sets")
+    p.add_argument("--size", choices=tuple(VOXEL_EDGE_MM), default="tiny",
+                   help="phantom size of generated sets (tiny: 2 mm, the demo model's domain)")
     p.add_argument("--skull-strip", default="truth-mask",
                    help="truth-mask (phantom brain mask) or a bids_cl.preproc strategy, e.g. auto")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
@@ -211,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.generate:
-        generate(args.data_root, args.sets)
+        generate(args.data_root, args.sets, args.size)
     segmenter = Segmenter(args.model, args.nthreads, args.tta)
     print(f"model {args.model} via {segmenter.path}, skull strip {args.skull_strip}", flush=True)
     all_rows, summaries = [], {}
@@ -224,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(table)
         args.out.with_suffix(".json").write_text(json.dumps(
-            {"model": args.model, "path": segmenter.path, "skull_strip": args.skull_strip, "tta": args.tta,
-             "summaries": summaries, "rows": all_rows}, indent=2, default=float) + "\n")
+            {"model": args.model, "size": args.size, "path": segmenter.path, "skull_strip": args.skull_strip,
+             "tta": args.tta, "summaries": summaries, "rows": all_rows}, indent=2, default=float) + "\n")
     return 0
 
 

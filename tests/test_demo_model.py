@@ -61,9 +61,6 @@ def _true_positives(pred: np.ndarray, truth: np.ndarray) -> int:
     return int(evaluate_masks(pred, truth)["tp"])
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model (4 min of GPU training) does not yet "
-                   "find lesions on tiny 2 mm phantoms; see docs/demo-model.md. strict: a better model "
-                   "makes this XPASS and fail until the mark is removed")
 def test_demo_model_segments_a_phantom_with_nnunet(phantom: Path) -> None:
     """nnU-Net alone (no bids_cl.train import at inference): RAS voxel order in, lesions out."""
     import torch
@@ -83,9 +80,6 @@ def test_demo_model_segments_a_phantom_with_nnunet(phantom: Path) -> None:
     assert _true_positives(np.asanyarray(pred_ras.dataobj) > 0, truth_ras) >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model (4 min of GPU training) does not yet "
-                   "find lesions on tiny 2 mm phantoms; see docs/demo-model.md. strict: a better model "
-                   "makes this XPASS and fail until the mark is removed")
 def test_demo_model_segments_a_phantom_with_the_engine(phantom: Path) -> None:
     engine = pytest.importorskip("bids_cl.engine")
     if not hasattr(engine, "segment") or not hasattr(engine, "load_model"):

@@ -18,10 +18,12 @@ from typing import Any
 import bids_cl
 
 # Training sets: seeds 1001-1003. Evaluation sets (benchmarks/demo_quality.py) use seeds 2001-2004.
+# Tiny (2 mm) phantoms, the size the README demo runs on: a network for them trains on 2 CPU cores.
 TRAIN_SETS: dict[str, dict[str, Any]] = {
-    "train_3T": dict(participants=10, seed=1001, field="3T", sequence="mixed"),
-    "train_7T": dict(participants=10, seed=1002, field="7T", sequence="mixed"),
-    "train_mix": dict(participants=10, seed=1003, field="mixed", sequence="both", lesion_free_fraction=0.1),
+    "train_3T": dict(participants=24, seed=1001, field="3T", sequence="mixed"),
+    "train_7T": dict(participants=24, seed=1002, field="7T", sequence="mixed"),
+    "train_mix": dict(participants=24, seed=1003, field="mixed", sequence="both", orientation="mixed",
+                      lesion_free_fraction=0.1),
 }
 SET_CODES = {"train_3T": "a", "train_7T": "b", "train_mix": "c"}
 _SUB = re.compile(r"sub-([a-zA-Z0-9]+?)(?=[_/]|$)")
@@ -63,12 +65,12 @@ def merge_datasets(out: Path, sources: dict[str, Path]) -> Path:
 
 
 def make_training_data(out_dir: Path) -> Path:
-    """Generate the three training sets (full-size phantoms) and merge them into ``out_dir/train_all``."""
+    """Generate the three training sets (tiny phantoms) and merge them into ``out_dir/train_all``."""
     from bids_cl.synth.generate import generate_dataset
 
     for name, kwargs in TRAIN_SETS.items():
         if not (out_dir / name / "participants.tsv").is_file():
-            generate_dataset(out_dir / name, size="full", overwrite=True, **kwargs)
+            generate_dataset(out_dir / name, size="tiny", overwrite=True, **kwargs)
     return merge_datasets(out_dir / "train_all", {SET_CODES[n]: out_dir / n for n in TRAIN_SETS})
 
 
