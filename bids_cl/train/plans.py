@@ -39,7 +39,7 @@ class NetworkSpec:
         return all(v is None for v in asdict(self).values())
 
 
-# The demo model's network: 4 stages 12-24-48-96, 32^3 patches, batch 4 (~0.7 M parameters, ~3 MB as
+# The demo model's network: 4 stages 12-24-48-96, 32^3 patches, batch 4 (~0.8 M parameters, ~3 MB as
 # float32). Small patches in larger batches: on 2 CPU cores an iteration costs ~0.45 s, and every patch of
 # the batch can hold a lesion (with --oversample-foreground 1), which is what gets training off the
 # "predict nothing" plateau quickly (docs/demo-model.md).
