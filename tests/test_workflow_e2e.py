@@ -146,6 +146,11 @@ def test_every_expected_derivative(first_run: dict, phantom: Path) -> None:
             assert {"template_x", "template_y", "template_z", "uncertainty"} <= set(table.columns)
     assert (out / "sub-01" / "log").is_dir()
     assert "cortical lesion" in first_run["proc"].stdout
+    # Nipype's INFO chatter (parent and MultiProc workers) goes to the run log, not to the console.
+    console = first_run["proc"].stdout + first_run["proc"].stderr
+    assert "[Node]" not in console and "nipype.workflow INFO" not in console, console[-2000:]
+    run_logs = list((out / "sub-01" / "log").glob("*/bids_cl.log"))
+    assert run_logs and "[Node] Executing" in run_logs[0].read_text()
 
 
 def test_input_dataset_untouched(first_run: dict, phantom: Path) -> None:

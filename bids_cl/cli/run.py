@@ -41,6 +41,15 @@ def _setup_logging(verbose: int, log_file: Path) -> None:
     # Nipype and friends are chatty: keep their detail in the log file only.
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils", "bids", "nnunetv2"):
         logging.getLogger(name).setLevel(logging.INFO if verbose < 2 else logging.DEBUG)
+    # Nipype adds its own stdout handler on import, which would print every INFO line ("[Node] Setting-up",
+    # "[MultiProc] Running") whatever the console level; its records reach the handlers above instead.
+    # MultiProc workers are forked after this, so they inherit the same set-up.
+    import nipype  # noqa: F401  (the handler is installed on import)
+
+    nipype_logger = logging.getLogger("nipype")
+    for handler in list(nipype_logger.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            nipype_logger.removeHandler(handler)
 
 
 def _early_log_file() -> Path:
