@@ -153,6 +153,19 @@ def test_every_expected_derivative(first_run: dict, phantom: Path) -> None:
     assert run_logs and "[Node] Executing" in run_logs[0].read_text()
 
 
+def test_multiproc_workers_are_forked_unless_asked_otherwise() -> None:
+    # The clean console above relies on forked workers inheriting bids_cl's logging set-up; Python 3.14
+    # defaults to forkserver, so the plugin settings name fork themselves. A user's choice still wins.
+    from bids_cl.config import RunConfig
+    from bids_cl.workflows.base import _plugin_settings
+
+    cfg = RunConfig(bids_dir=Path("/in"), output_dir=Path("/out"), analysis_level="participant")
+    plugin, args = _plugin_settings(cfg, use_gpu=False)
+    assert plugin == "MultiProc" and args["mp_context"] == "fork"
+    cfg.plugin_args = {"mp_context": "spawn"}
+    assert _plugin_settings(cfg, use_gpu=False)[1]["mp_context"] == "spawn"
+
+
 def test_input_dataset_untouched(first_run: dict, phantom: Path) -> None:
     assert _snapshot(phantom) == first_run["input_before"]
 

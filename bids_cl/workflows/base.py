@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import re
 import shutil
 import sys
@@ -200,6 +201,11 @@ def _plugin_settings(config: RunConfig, use_gpu: bool) -> tuple[str, dict[str, A
             args.setdefault("memory_gb", config.mem_mb / 1024)
         args.setdefault("raise_insufficient", False)
         args.setdefault("maxtasksperchild", 1)
+        # Workers must be forked: a forked worker inherits bids_cl's logging (Nipype's stdout handler
+        # removed, cli/run.py), a spawned or forkserver one re-imports Nipype and prints its INFO lines
+        # on the console. Python 3.14 makes forkserver the Linux default, so name fork explicitly.
+        if "fork" in multiprocessing.get_all_start_methods():
+            args.setdefault("mp_context", "fork")
         if use_gpu:
             args.setdefault("n_gpu_procs", 1)
     return plugin, args
