@@ -3,6 +3,7 @@ run (convert -> plan/preprocess -> train -> model folder -> nnUNetPredictor) plu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -217,7 +218,11 @@ def test_train_end_to_end_then_fine_tune(tiny: tuple[Path, Path], tmp_path: Path
             "architecture"] == json.loads((model / "plans.json").read_text())["configurations"][
             "3d_fullres"]["architecture"]
         tuned_meta = json.loads((tuned / "bids_cl_model.json").read_text())
-        assert tuned_meta["training"]["fine_tuned_from"] == str(model)
+        source = tuned_meta["training"]["fine_tuned_from"]
+        assert source["path"] == str(model)
+        assert source["checkpoints_sha256"] == {
+            "fold_0/checkpoint_final.pth": hashlib.sha256(
+                (model / "fold_0" / "checkpoint_final.pth").read_bytes()).hexdigest()}
         assert tuned_meta["training"]["participants"] == ["01", "02"]
         assert _predict(tuned, case).shape == seg.shape
     finally:

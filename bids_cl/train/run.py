@@ -212,12 +212,28 @@ def _recipe(opts: TrainOptions, results: list[dict[str, Any]], device: Any) -> d
         "skull_strip": sorted({c["record"].get("skull_strip", "") for c in cases}),
         "network": describe(plans),
         "schedule": asdict(opts.settings),
-        "fine_tuned_from": str(opts.from_model) if opts.from_model else None,
+        "fine_tuned_from": source_model_record(opts.from_model) if opts.from_model else None,
         "folds": results,
         "device": sorted({r.get("device", "") for r in results}) or [describe_device(device, opts.nthreads)],
         "versions": {"bids_cl": __version__, "nnunetv2": importlib.metadata.version("nnunetv2"),
                      "torch": torch.__version__},
     }
+
+
+def source_model_record(model_dir: Path) -> dict[str, Any]:
+    """Which model a fine-tune started from: its name, folder and checkpoint hashes.
+
+    The folder alone is a path on the training machine; the name and the SHA-256 of each starting
+    checkpoint identify the weights wherever the new model travels.
+    """
+    from bids_cl.engine.lockfile import sha256_file
+
+    model_dir = Path(model_dir)
+    meta_file = model_dir / "bids_cl_model.json"
+    name = json.loads(meta_file.read_text()).get("name") if meta_file.is_file() else None
+    checkpoints = sorted(model_dir.glob("fold_*/checkpoint_final.pth"))
+    return {"name": name or model_dir.name, "path": str(model_dir),
+            "checkpoints_sha256": {c.relative_to(model_dir).as_posix(): sha256_file(c) for c in checkpoints}}
 
 
 def run(opts: TrainOptions) -> Path | None:
