@@ -4,8 +4,8 @@ For every evaluation set (phantom datasets whose seeds were never used for train
 skull stripped, segmented with the model and scored against the phantom's truth with bids_cl's lesion-wise
 metrics (paper definitions: 26-connected lesions, adjusted IoU >= 0.25 for a true positive):
 
-    /work/venv/bin/python benchmarks/demo_quality.py --data-root /tmp/demo_eval/tiny --size tiny \
-        --generate --out docs-table.md
+    python benchmarks/demo_quality.py --data-root /tmp/demo_eval/tiny --size tiny \
+        --generate --skull-strip auto --out docs-table.md
 
 ``--generate`` (re)creates missing evaluation sets with bids_cl.synth (the seeds below) at ``--size``
 (``tiny``, 2 mm, the demo model's domain; ``full``, 1 / 0.75 mm). Keep one ``--data-root`` per size.
