@@ -289,3 +289,47 @@ def test_foreground_offset_stays_inside_the_image() -> None:
             lbs, ubs = loader.get_bbox(shape, True, {1: np.array([[0, *voxel]])})
             # nnU-Net's admissible range: padding of (40 - 32) // 2 = 4 voxels beyond each side at most
             assert (np.array(lbs) >= -4).all() and (np.array(ubs) <= shape + 4).all()
+
+
+def _locked_model(root: Path) -> Path:
+    """A model folder as bids_cl exports it (plans, one fold, lock); the checkpoint is never unpickled."""
+    from bids_cl.engine.lockfile import write_lock_file
+
+    (root / "fold_0").mkdir(parents=True)
+    for fname in ("plans.json", "dataset.json"):
+        (root / fname).write_text("{}\n")
+    (root / "fold_0" / "checkpoint_final.pth").write_bytes(b"weights as exported")
+    write_lock_file(root)
+    return root
+
+
+def test_from_model_is_trust_checked_like_inference(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--from-model goes through the engine's lock check: a changed checkpoint is refused before loading."""
+    from bids_cl.errors import EXIT_BAD_DATA
+    from bids_cl.train.cli import main
+
+    model = _locked_model(tmp_path / "model")
+    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"tampered")
+    rc = main([str(tmp_path / "bids"), str(tmp_path / "labels"), str(tmp_path / "work"),
+               "--from-model", str(model)])
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_DATA
+    assert "changed file" in err and "fold_0/checkpoint_final.pth" in err and "Traceback" not in err
+    assert not (tmp_path / "work").exists()
+
+
+def test_source_model_record_takes_hashes_from_the_verified_lock(tmp_path: Path) -> None:
+    from bids_cl.engine.lockfile import read_lock_file
+    from bids_cl.engine.models import resolve_model
+    from bids_cl.train.run import source_model_record
+
+    model = _locked_model(tmp_path / "model")
+    record = source_model_record(resolve_model(model))
+    lock = read_lock_file(model)["files"]
+    assert record["trust"] == "lock" and record["name"] == "model"
+    checkpoint = "fold_0/checkpoint_final.pth"
+    assert record["checkpoints_sha256"] == {checkpoint: lock[checkpoint]}
+
+    demo = source_model_record(resolve_model("demo"))
+    assert demo["name"] == "demo" and demo["trust"] == "lock"
+    assert set(demo["checkpoints_sha256"]) == {"fold_0/checkpoint_final.pth"}

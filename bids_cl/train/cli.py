@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bids_cl.errors import EXIT_USAGE, BidsClError
 from bids_cl.train.convert import preproc_strategies
 from bids_cl.train.plans import SMALL_NETWORK, NetworkSpec, _as_tuple3
 from bids_cl.train.run import DEFAULT_WARNING, STEPS, TrainOptions, run
 from bids_cl.train.trainers import TrainerSettings
+
+if TYPE_CHECKING:
+    from bids_cl.engine.models import ResolvedModel
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("network and plans")
     g.add_argument("--from-model", type=str,
-                   help="fine-tune: reuse this model folder's plans and start from its weights "
-                        "('demo' = the packaged demo model); network options below are then ignored")
+                   help="fine-tune: reuse this model's plans and start from its weights; a name ('demo', an "
+                        "installed model), folder or export zip, lock-checked as for bids_cl --model; "
+                        "network options below are then ignored")
     g.add_argument("--target-spacing", type=float, default=1.0, help="isotropic spacing in mm (default 1)")
     g.add_argument("--small-network", action="store_true",
                    help="the demo model's reduced network (4 stages, 12-96 features, 32^3 patch, batch 4)")
@@ -105,17 +110,22 @@ def _network(args: argparse.Namespace) -> NetworkSpec:
         batch_dice=args.batch_dice if args.batch_dice is not None else base.batch_dice)
 
 
-def _model_dir(value: str | None) -> Path | None:
+def _source_model(value: str | None) -> ResolvedModel | None:
+    """The model a fine-tune starts from, found and trust-checked exactly as ``bids_cl --model`` does it.
+
+    A name (``demo``, an installed model), a folder or an export zip; a lock file, where there is one,
+    must match before its pickled checkpoints are loaded.
+    """
     if value is None:
         return None
-    if value == "demo":
-        from bids_cl.train.demo import demo_model_dir
+    # Import-light (no torch/nnU-Net): the nnU-Net environment is set up later, by run().
+    from bids_cl.engine.models import resolve_model
 
-        return demo_model_dir()
-    path = Path(value)
-    if not (path / "plans.json").is_file():
-        raise BidsClError(f"--from-model {value}: not a model folder (no plans.json)", EXIT_USAGE)
-    return path
+    source = resolve_model(value)
+    if not (source.model_dir / "plans.json").is_file():
+        raise BidsClError(f"--from-model {value}: {source.model_dir} has no plans.json, which fine-tuning "
+                          "reuses", EXIT_USAGE)
+    return source
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
@@ -129,7 +139,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         output_model=args.output_model, participants=args.participant_label, sequences=args.sequence,
         skull_strip=args.skull_strip, synthstrip_model=args.synthstrip_model, dataset_id=args.dataset_id,
         dataset_name=args.dataset_name, target_spacing=args.target_spacing, network=_network(args),
-        from_model=_model_dir(args.from_model), folds=args.folds, val_fraction=args.val_fraction,
+        from_model=_source_model(args.from_model), folds=args.folds, val_fraction=args.val_fraction,
         split_seed=args.split_seed, settings=settings, device=args.device, nthreads=args.nthreads,
         n_proc_da=args.n_proc_da, steps=tuple(args.steps), validate=args.validate, compile=args.compile,
         name=args.name, description=args.description, warning=args.warning)

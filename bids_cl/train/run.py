@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bids_cl.errors import EXIT_MISSING_INPUT, EXIT_USAGE, BidsClError
 from bids_cl.train.convert import build_raw_dataset, find_cases
@@ -33,6 +33,9 @@ from bids_cl.train.plans import (
     write_splits,
 )
 from bids_cl.train.trainers import BidsClTrainer, TrainerSettings, register_ext_trainer_dir
+
+if TYPE_CHECKING:
+    from bids_cl.engine.models import ResolvedModel
 
 STEPS = ("convert", "plan", "train", "export")
 DEFAULT_WARNING = ("Research use only. Trained on the data described in 'training'; check its performance on "
@@ -53,7 +56,7 @@ class TrainOptions:
     dataset_name: str = "BidsClCL"
     target_spacing: float | None = 1.0
     network: NetworkSpec = field(default_factory=NetworkSpec)
-    from_model: Path | None = None
+    from_model: ResolvedModel | None = None  # resolved and lock-verified by the engine
     folds: int = 1
     val_fraction: float = 0.2
     split_seed: int = 0
@@ -127,7 +130,7 @@ def step_plan(opts: TrainOptions) -> None:
         raise BidsClError(f"no converted dataset in {raw_dir}: run the convert step first",
                           EXIT_MISSING_INPUT)
     if opts.from_model is not None:
-        plans_from_model(opts.dataset_id, opts.from_model, log=_log)
+        plans_from_model(opts.dataset_id, opts.from_model.model_dir, log=_log)
     else:
         plan(opts.dataset_id, target_spacing=opts.target_spacing, network=opts.network,
              num_processes=opts.nthreads, log=_log)
@@ -147,9 +150,10 @@ def _load_init_weights(trainer: BidsClTrainer, model_dir: Path, fold: int) -> No
     """Fine-tuning: start from a model's weights (all layers: the labels are the same background/CL)."""
     import torch
 
-    ckpts = sorted(model_dir.glob("fold_*/checkpoint_final.pth"))
-    chosen = model_dir / f"fold_{fold}" / "checkpoint_final.pth"
-    src = chosen if chosen.is_file() else ckpts[0]
+    from bids_cl.engine.models import fold_checkpoints
+
+    checkpoints = fold_checkpoints(model_dir)
+    src = checkpoints.get(fold) or next(iter(checkpoints.values()))
     state = torch.load(str(src), map_location="cpu", weights_only=False)["network_weights"]
     trainer.network.load_state_dict(state)
     _log(f"fold {fold}: initialised from {src}")
@@ -170,7 +174,7 @@ def train_fold(opts: TrainOptions, fold: int, device: Any) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels
     if opts.from_model is not None:
         trainer.initialize()
-        _load_init_weights(trainer, opts.from_model, fold)
+        _load_init_weights(trainer, opts.from_model.model_dir, fold)
     t0 = time.monotonic()
     trainer.run_training()
     seconds = time.monotonic() - t0
@@ -220,20 +224,27 @@ def _recipe(opts: TrainOptions, results: list[dict[str, Any]], device: Any) -> d
     }
 
 
-def source_model_record(model_dir: Path) -> dict[str, Any]:
+def source_model_record(source: ResolvedModel) -> dict[str, Any]:
     """Which model a fine-tune started from: its name, folder and checkpoint hashes.
 
     The folder alone is a path on the training machine; the name and the SHA-256 of each starting
-    checkpoint identify the weights wherever the new model travels.
+    checkpoint identify the weights wherever the new model travels. A locked model's hashes come from
+    its lock (verified when the model was resolved), so the checkpoints are not read twice.
     """
-    from bids_cl.engine.lockfile import sha256_file
+    from bids_cl.engine.lockfile import read_lock_file, sha256_file
+    from bids_cl.engine.models import fold_checkpoints
 
-    model_dir = Path(model_dir)
+    model_dir = source.model_dir
     meta_file = model_dir / "bids_cl_model.json"
     name = json.loads(meta_file.read_text()).get("name") if meta_file.is_file() else None
-    checkpoints = sorted(model_dir.glob("fold_*/checkpoint_final.pth"))
-    return {"name": name or model_dir.name, "path": str(model_dir),
-            "checkpoints_sha256": {c.relative_to(model_dir).as_posix(): sha256_file(c) for c in checkpoints}}
+    lock_dir = source.lock_dir
+    locked: dict[str, str] = (read_lock_file(lock_dir) or {}).get("files", {}) if lock_dir else {}
+    hashes = {}
+    for checkpoint in fold_checkpoints(model_dir).values():
+        in_lock = locked.get(checkpoint.relative_to(lock_dir).as_posix()) if lock_dir else None
+        hashes[checkpoint.relative_to(model_dir).as_posix()] = in_lock or sha256_file(checkpoint)
+    return {"name": name or source.name, "path": str(model_dir), "trust": source.trust,
+            "checkpoints_sha256": hashes}
 
 
 def run(opts: TrainOptions) -> Path | None:
