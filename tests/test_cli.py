@@ -175,6 +175,19 @@ def test_plugin_file(mp2rage_dataset: Path, tmp_path: Path) -> None:
     assert err.value.code == 64
 
 
+def test_graph_plugins_are_refused(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    """SLURMGraph & co. return before any job ran: bids_cl would report every target as failed."""
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: SLURMGraph\nplugin_args: {sbatch_args: --mem=2G}\n")
+    with pytest.raises(BidsClError) as err:
+        parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant", "--use-plugin", str(plugin)])
+    assert err.value.code == 64 and "use plugin: SLURM " in err.value.message
+    plugin.write_text("plugin: SLURM\nplugin_args: {sbatch_args: --mem=2G}\n")
+    config = parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant",
+                         "--use-plugin", str(plugin)])
+    assert (config.plugin, config.plugin_args) == ("SLURM", {"sbatch_args": "--mem=2G"})
+
+
 def test_exit_1_unexpected_failure(tmp_path: Path) -> None:
     """A failure that fits no other code (here: a Nipype plugin that does not exist) exits 1."""
     root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": None})

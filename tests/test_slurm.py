@@ -317,3 +317,37 @@ def test_real_participants_on_slurm(tmp_path: Path) -> None:
         assert masks, f"no lesion mask for sub-{label}"
         assert list((out / f"sub-{label}").rglob("*_label-CL_desc-lesions_stats.tsv"))
     assert list(out.rglob("group_lesions.tsv")), "the group level wrote no group_lesions.tsv"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_slurm
+def test_nipype_slurm_plugin_runs_each_node_as_a_job(tmp_path: Path) -> None:
+    """--use-plugin with the packaged plugin file's SLURM plugin, from a shell without LOGNAME (Nipype's
+    cluster plugins need it): every node is a Slurm job, bids_cl waits and reports like a local run."""
+    import os
+
+    import yaml
+    from conftest import run_cli
+
+    from bids_cl.synth.cli import main as synth
+
+    assert synth([str(tmp_path / "bids"), "--participants", "1", "--size", "tiny", "--seed", "1",
+                  "--lesion-free-fraction", "0"]) == 0
+    packaged = yaml.safe_load((Path(slurm.__file__).parents[1] / "data" / "slurm_plugin.yml").read_text())
+    assert packaged["plugin"] == "SLURM"
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text(yaml.safe_dump({"plugin": "SLURM", "plugin_args": {
+        "sbatch_args": "--time=00:20:00 --mem=2G --cpus-per-task=1", "poll_sleep_duration": 1}}))
+    env = {k: v for k, v in os.environ.items() if k != "LOGNAME"}
+    proc = run_cli(tmp_path / "bids", tmp_path / "out", "participant", "-w", tmp_path / "work",
+                   "--use-plugin", plugin, "--model", "demo", "--device", "cpu",
+                   "--output-spaces", "native", "--nprocs", "1", env=env, timeout=WAIT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cortical lesion(s)" in proc.stdout
+    batch = tmp_path / "work" / "bids_cl_wf" / "batch"
+    submitted = " ".join(p.name for p in batch.glob("batchscript_*.sh"))
+    assert "_skullstrip.sh" in submitted and "_segment.sh" in submitted, submitted
+    summary = next((tmp_path / "out").rglob("*_label-CL_desc-summary_stats.json"))
+    assert json.loads(summary.read_text())["LesionCount"] >= 0
+    assert (tmp_path / "out" / "sub-01.html").is_file()

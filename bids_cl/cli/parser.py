@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mem-mb", "--mem_mb", "--mem", type=_positive_int, metavar="MB",
                    help="memory budget for the scheduler")
     g.add_argument("--use-plugin", "--nipype-plugin-file", type=Path, metavar="YAML",
-                   help="Nipype plugin settings (plugin: and plugin_args:), e.g. SLURM")
+                   help="Nipype plugin settings (plugin: and plugin_args:), e.g. SLURM; the *Graph "
+                        "plugins, which return before the jobs run, are refused")
     g.add_argument("--dry-run", action="store_true",
                    help="discover and validate, print the plan as JSON lines, write nothing")
     g.add_argument("--reports-only", action="store_true",
@@ -236,7 +237,28 @@ def load_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:
         raise BidsClError(f"--use-plugin {path} is not valid YAML ({exc})", EXIT_USAGE) from None
     if not isinstance(data, dict) or "plugin" not in data:
         raise BidsClError(f"--use-plugin {path} must set 'plugin:'", EXIT_USAGE)
-    return str(data["plugin"]), dict(data.get("plugin_args") or {})
+    plugin = str(data["plugin"])
+    if is_graph_plugin(plugin):
+        raise BidsClError(
+            f"--use-plugin {path}: Nipype's {plugin} plugin submits the whole graph and returns at once, "
+            "before any node has run, so bids_cl could not report what failed or write the reports; "
+            f"use plugin: {_waiting_counterpart(plugin)} (submits each node and waits for it)", EXIT_USAGE)
+    return plugin, dict(data.get("plugin_args") or {})
+
+
+def _waiting_counterpart(graph_plugin: str) -> str:
+    if graph_plugin.endswith("Graph"):  # SLURMGraph -> SLURM, SGEGraph -> SGE, PBSGraph -> PBS
+        return graph_plugin.removesuffix("Graph")
+    return {"CondorDAGMan": "Condor"}.get(graph_plugin, "SLURM")
+
+
+def is_graph_plugin(name: str) -> bool:
+    """Whether a Nipype plugin is one of the submit-everything-and-return kind (SLURMGraph, SGEGraph ...)."""
+    from nipype.pipeline import plugins
+    from nipype.pipeline.plugins.base import GraphPluginBase
+
+    cls = getattr(plugins, f"{name}Plugin", None)
+    return isinstance(cls, type) and issubclass(cls, GraphPluginBase)
 
 
 def _refuse_not_implemented(config: RunConfig) -> None:

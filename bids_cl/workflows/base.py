@@ -6,9 +6,11 @@ session and target image (sessions are never merged: MS data are longitudinal).
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import multiprocessing
+import os
 import re
 import shutil
 import sys
@@ -192,6 +194,10 @@ def _preflight(config: RunConfig) -> dict[str, Any]:
     return {"model": model, "device": device}
 
 
+# Plugins that run nodes on this machine; every other one submits jobs to a cluster scheduler.
+_IN_PROCESS_PLUGINS = ("MultiProc", "LegacyMultiProc", "Linear", "Debug")
+
+
 def _plugin_settings(config: RunConfig, use_gpu: bool) -> tuple[str, dict[str, Any]]:
     plugin = config.plugin or "MultiProc"
     args = dict(config.plugin_args)
@@ -208,7 +214,18 @@ def _plugin_settings(config: RunConfig, use_gpu: bool) -> tuple[str, dict[str, A
             args.setdefault("mp_context", "fork")
         if use_gpu:
             args.setdefault("n_gpu_procs", 1)
+    elif plugin not in _IN_PROCESS_PLUGINS:
+        # Nipype's cluster plugins (SLURM, SGE, PBS, LSF, OAR) name each job after os.environ["LOGNAME"]
+        # and raise KeyError where it is unset (containers, cron, some batch shells).
+        os.environ.setdefault("LOGNAME", _user_name())
     return plugin, args
+
+
+def _user_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (a container run with --user)
+        return f"uid{os.getuid()}"
 
 
 def _crash_reason(crash_files: list[Path]) -> tuple[str, int]:
@@ -258,10 +275,13 @@ def run_participants(config: RunConfig, items: list[WorkItem], *, log_file: Path
         "stop_on_first_crash": False,
         "remove_unnecessary_outputs": False,
         "hash_method": "content",
-        "poll_sleep_duration": 0.2,
     })
     workflow.config["monitoring"] = {"enabled": False}
     plugin, plugin_args = _plugin_settings(config, use_gpu)
+    # How often Nipype checks on running nodes. Locally that is cheap; on a cluster each check is a
+    # squeue/qstat call per job, which schedulers ask users to keep rare.
+    workflow.config["execution"]["poll_sleep_duration"] = float(plugin_args.pop(
+        "poll_sleep_duration", 0.2 if plugin in _IN_PROCESS_PLUGINS else 10.0))
     LOGGER.info("Running %d target(s) of %d participant(s) with %s %s",
                 sum(i.problem is None for i in items), len(participants), plugin, plugin_args)
     start = time.perf_counter()
