@@ -186,6 +186,10 @@ def test_graph_plugins_are_refused(mp2rage_dataset: Path, tmp_path: Path) -> Non
     config = parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant",
                          "--use-plugin", str(plugin)])
     assert (config.plugin, config.plugin_args) == ("SLURM", {"sbatch_args": "--mem=2G"})
+    plugin.write_text("plugin: SLURM\nplugin_args: {poll_sleep_duration: soon}\n")
+    with pytest.raises(BidsClError) as err:
+        parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant", "--use-plugin", str(plugin)])
+    assert err.value.code == 64 and "poll_sleep_duration" in err.value.message
 
 
 def test_exit_1_unexpected_failure(tmp_path: Path) -> None:

@@ -243,7 +243,14 @@ def load_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:
             f"--use-plugin {path}: Nipype's {plugin} plugin submits the whole graph and returns at once, "
             "before any node has run, so bids_cl could not report what failed or write the reports; "
             f"use plugin: {_waiting_counterpart(plugin)} (submits each node and waits for it)", EXIT_USAGE)
-    return plugin, dict(data.get("plugin_args") or {})
+    plugin_args = data.get("plugin_args") or {}
+    if not isinstance(plugin_args, dict):
+        raise BidsClError(f"--use-plugin {path}: plugin_args must be a mapping", EXIT_USAGE)
+    poll = plugin_args.get("poll_sleep_duration", 1)
+    if isinstance(poll, bool) or not isinstance(poll, (int, float)) or poll <= 0:
+        raise BidsClError(f"--use-plugin {path}: poll_sleep_duration must be a positive number of seconds",
+                          EXIT_USAGE)
+    return plugin, dict(plugin_args)
 
 
 def _waiting_counterpart(graph_plugin: str) -> str:
