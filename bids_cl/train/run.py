@@ -232,10 +232,10 @@ def source_model_record(source: ResolvedModel) -> dict[str, Any]:
     its lock (verified when the model was resolved), so the checkpoints are not read twice.
     """
     from bids_cl.engine.lockfile import read_lock_file, sha256_file
-    from bids_cl.engine.models import fold_checkpoints
+    from bids_cl.engine.models import MODEL_JSON, fold_checkpoints
 
     model_dir = source.model_dir
-    meta_file = model_dir / "bids_cl_model.json"
+    meta_file = model_dir / MODEL_JSON
     name = json.loads(meta_file.read_text()).get("name") if meta_file.is_file() else None
     lock_dir = source.lock_dir
     locked: dict[str, str] = (read_lock_file(lock_dir) or {}).get("files", {}) if lock_dir else {}

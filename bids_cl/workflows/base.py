@@ -214,10 +214,6 @@ def _plugin_settings(config: RunConfig, use_gpu: bool) -> tuple[str, dict[str, A
             args.setdefault("mp_context", "fork")
         if use_gpu:
             args.setdefault("n_gpu_procs", 1)
-    elif plugin not in _IN_PROCESS_PLUGINS:
-        # Nipype's cluster plugins (SLURM, SGE, PBS, LSF, OAR) name each job after os.environ["LOGNAME"]
-        # and raise KeyError where it is unset (containers, cron, some batch shells).
-        os.environ.setdefault("LOGNAME", _user_name())
     return plugin, args
 
 
@@ -282,6 +278,10 @@ def run_participants(config: RunConfig, items: list[WorkItem], *, log_file: Path
     # squeue/qstat call per job, which schedulers ask users to keep rare.
     workflow.config["execution"]["poll_sleep_duration"] = float(plugin_args.pop(
         "poll_sleep_duration", 0.2 if plugin in _IN_PROCESS_PLUGINS else 10.0))
+    if plugin not in _IN_PROCESS_PLUGINS:
+        # Nipype's cluster plugins (SLURM, SGE, PBS, LSF, OAR) name each job after os.environ["LOGNAME"]
+        # and raise KeyError where it is unset (containers, cron, some batch shells).
+        os.environ.setdefault("LOGNAME", _user_name())
     LOGGER.info("Running %d target(s) of %d participant(s) with %s %s",
                 sum(i.problem is None for i in items), len(participants), plugin, plugin_args)
     start = time.perf_counter()
