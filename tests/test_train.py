@@ -210,10 +210,15 @@ def test_train_end_to_end_then_fine_tune(tiny: tuple[Path, Path], tmp_path: Path
 
         # A lab fine-tuning that model on "its own" data: same plans, weights as the start point.
         tuned = tmp_path / "tuned"
+        source_batch = json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"][
+            "batch_size"]
         rc = main([str(bids), str(labels), str(tmp_path / "work2"), "--from-model", str(model),
                    "--epochs", "1", "--participant-label", "01", "02", "--output-model", str(tuned),
-                   *common])
+                   "--batch-size", str(source_batch + 1), *common])
         assert rc == 0
+        # --batch-size applies to a fine-tune (a GPU takes larger batches) and is recorded in its plans
+        assert json.loads((tuned / "plans.json").read_text())["configurations"]["3d_fullres"][
+            "batch_size"] == source_batch + 1
         assert json.loads((tuned / "plans.json").read_text())["configurations"]["3d_fullres"][
             "architecture"] == json.loads((model / "plans.json").read_text())["configurations"][
             "3d_fullres"]["architecture"]
@@ -316,6 +321,30 @@ def test_from_model_is_trust_checked_like_inference(tmp_path: Path, capsys: pyte
     assert rc == EXIT_BAD_DATA
     assert "changed file" in err and "fold_0/checkpoint_final.pth" in err and "Traceback" not in err
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("option", [["--max-stages", "3"], ["--patch-size", "48"], ["--small-network"]])
+def test_from_model_refuses_network_changes(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                            option: list[str]) -> None:
+    """The source model's weights only fit its own network: a change is a usage error, not ignored."""
+    from bids_cl.errors import EXIT_USAGE
+    from bids_cl.train.cli import main
+
+    rc = main([str(tmp_path / "bids"), str(tmp_path / "labels"), str(tmp_path / "work"),
+               "--from-model", "demo", "--batch-size", "8", *option])
+    err = capsys.readouterr().err.strip()
+    assert rc == EXIT_USAGE
+    assert len(err.splitlines()) == 1 and option[0] in err and "--from-model demo" in err
+    assert not (tmp_path / "work").exists()
+
+
+def test_batch_settings_leave_the_network_alone() -> None:
+    from bids_cl.train.plans import NetworkSpec, apply_batch_settings
+
+    conf = {"batch_size": 4, "batch_dice": False, "patch_size": [32, 32, 32], "architecture": {"n": 4}}
+    assert apply_batch_settings(dict(conf), NetworkSpec()) == conf
+    assert apply_batch_settings(conf, NetworkSpec(batch_size=16, batch_dice=True)) == {
+        "batch_size": 16, "batch_dice": True, "patch_size": [32, 32, 32], "architecture": {"n": 4}}
 
 
 def test_source_model_record_takes_hashes_from_the_verified_lock(tmp_path: Path) -> None:

@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from-model", type=str,
                    help="fine-tune: reuse this model's plans and start from its weights; a name ('demo', an "
                         "installed model), folder or export zip, lock-checked as for bids_cl --model; "
-                        "network options below are then ignored")
-    g.add_argument("--target-spacing", type=float, default=1.0, help="isotropic spacing in mm (default 1)")
+                        "its network is kept (only --batch-size and --batch-dice may change)")
+    g.add_argument("--target-spacing", type=float, default=1.0,
+                   help="isotropic spacing in mm (default 1; a --from-model fine-tune keeps the model's)")
     g.add_argument("--small-network", action="store_true",
                    help="the demo model's reduced network (4 stages, 12-96 features, 32^3 patch, batch 4)")
     g.add_argument("--max-stages", type=int)
@@ -99,7 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Options that reshape the planned network or its patch. A fine-tune keeps the source model's plans (its
+# weights fit only that network), so these would be silently ignored there: refuse them instead.
+ARCHITECTURE_OPTIONS = ("small_network", "max_stages", "base_features", "max_features", "patch_size")
+
+
 def _network(args: argparse.Namespace) -> NetworkSpec:
+    if args.from_model is not None:
+        given = [f"--{name.replace('_', '-')}" for name in ARCHITECTURE_OPTIONS if getattr(args, name)]
+        if given:
+            raise BidsClError(f"{', '.join(given)}: cannot change the network of --from-model "
+                              f"{args.from_model} (fine-tuning keeps its plans; --batch-size and "
+                              "--batch-dice may change)", EXIT_USAGE)
     base = SMALL_NETWORK if args.small_network else NetworkSpec()
     return NetworkSpec(
         max_stages=args.max_stages if args.max_stages is not None else base.max_stages,

@@ -95,6 +95,15 @@ def reduce_configuration(conf: dict[str, Any], spec: NetworkSpec) -> dict[str, A
     divisors = [math.prod(int(s[axis]) for s in arch["strides"]) for axis in range(3)]
     patch = list(spec.patch_size) if spec.patch_size is not None else [int(p) for p in conf["patch_size"]]
     conf["patch_size"] = [_round_up(p, d) for p, d in zip(patch, divisors, strict=True)]
+    return apply_batch_settings(conf, spec)
+
+
+def apply_batch_settings(conf: dict[str, Any], spec: NetworkSpec) -> dict[str, Any]:
+    """Set the batch size and batch Dice of a 3d_fullres configuration (in place; ``None`` keeps it).
+
+    Neither changes the network, so unlike the caps above they also apply when fine-tuning a model's
+    plans: a GPU can take a larger batch than the CPU the model was first trained on.
+    """
     if spec.batch_size is not None:
         conf["batch_size"] = int(spec.batch_size)
     if spec.batch_dice is not None:

@@ -24,6 +24,7 @@ from bids_cl.train.plans import (
     CONFIGURATION,
     PLANS_NAME,
     NetworkSpec,
+    apply_batch_settings,
     dataset_name,
     describe,
     plan,
@@ -165,6 +166,9 @@ def train_fold(opts: TrainOptions, fold: int, device: Any) -> dict[str, Any]:
     _, pp_dir = _dataset_dirs(opts)
     plans = json.loads((pp_dir / f"{PLANS_NAME}.json").read_text())
     plans["continue_training"] = False  # nnUNetTrainer.__init__ expects (and pops) this key
+    # --batch-size / --batch-dice: set at plan time too, but a fine-tune (plans copied from a model) and
+    # a separate --steps train get them here. The trainer saves these plans next to its checkpoints.
+    apply_batch_settings(plans["configurations"][CONFIGURATION], opts.network)
     dataset_json = json.loads((pp_dir / "dataset.json").read_text())
     os.environ["nnUNet_n_proc_DA"] = str(opts.n_proc_da)
     trainer = BidsClTrainer(plans=plans, configuration=CONFIGURATION, fold=fold, dataset_json=dataset_json,
