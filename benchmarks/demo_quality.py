@@ -11,7 +11,8 @@ metrics (paper definitions: 26-connected lesions, adjusted IoU >= 0.25 for a tru
 (``tiny``, 2 mm, the demo model's domain; ``full``, 1 / 0.75 mm). Keep one ``--data-root`` per size.
 The model runs through ``bids_cl.engine.CLSegmenter`` when the engine provides it (the path the app uses),
 otherwise through nnU-Net's predictor with the engine's conventions (RAS voxel order, brain-only input,
-threshold 0.5).
+threshold 0.5). The engine uses the model's tuned threshold (bids_cl-train's tune step) unless
+``--threshold`` is given.
 """
 
 from __future__ import annotations
@@ -62,12 +63,14 @@ class Segmenter:
     model: str
     nthreads: int
     tta: bool
+    threshold: float | None = None  # None: the model's tuned threshold where it has one, else 0.5
 
     def __post_init__(self) -> None:
         segmenter_class = _engine_segmenter()
         if segmenter_class is not None:  # configure once, segment many (the app's own path)
             model = str(_model_dir(self.model)) if self.model != "demo" else "demo"
-            self._engine = segmenter_class(model, device="cpu", tta=self.tta, nthreads=self.nthreads)
+            self._engine = segmenter_class(model, device="cpu", tta=self.tta, nthreads=self.nthreads,
+                                           threshold=self.threshold)
         else:
             self._engine = None
             self._predictor = _predictor(self.model, self.nthreads, self.tta)
@@ -75,6 +78,12 @@ class Segmenter:
     @property
     def path(self) -> str:
         return "bids_cl.engine.CLSegmenter" if self._engine is not None else "nnUNetPredictor"
+
+    @property
+    def threshold_used(self) -> str:
+        if self._engine is None:
+            return "0.5 (argmax)"
+        return f"{self._engine.threshold:g} ({self._engine.threshold_source})"
 
     def __call__(self, brain: nib.Nifti1Image) -> np.ndarray:
         if self._engine is not None:
@@ -92,11 +101,10 @@ def _engine_segmenter() -> Any:
 
 
 def _model_dir(model: str) -> Path:
-    if model == "demo":
-        from bids_cl.train.demo import demo_model_dir
+    # A name or folder, found and lock-checked as bids_cl --model does it.
+    from bids_cl.engine.models import resolve_model
 
-        return demo_model_dir()
-    return Path(model)
+    return resolve_model(model).model_dir
 
 
 def _predictor(model: str, nthreads: int, tta: bool) -> Any:
@@ -211,7 +219,7 @@ def generate(root: Path, names: list[str], size: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="demo", help="'demo' or a model folder")
+    p.add_argument("--model", default="demo", help="a model name or folder, as for bids_cl --model")
     p.add_argument("--data-root", type=Path, required=True, help="folder holding the evaluation sets")
     p.add_argument("--sets", nargs="+", default=list(EVAL_SETS))
     p.add_argument("--generate", action="store_true", help="generate missing evaluation sets")
@@ -220,14 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skull-strip", default="truth-mask",
                    help="truth-mask (phantom brain mask) or a bids_cl.preproc strategy, e.g. auto")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    p.add_argument("--threshold", type=float,
+                   help="probability threshold (default: the model's tuned one, else 0.5)")
     p.add_argument("--nthreads", type=int, default=2)
     p.add_argument("--out", type=Path, help="write the markdown table here (and <out>.json with rows)")
     args = p.parse_args(argv)
 
     if args.generate:
         generate(args.data_root, args.sets, args.size)
-    segmenter = Segmenter(args.model, args.nthreads, args.tta)
-    print(f"model {args.model} via {segmenter.path}, skull strip {args.skull_strip}", flush=True)
+    segmenter = Segmenter(args.model, args.nthreads, args.tta, args.threshold)
+    print(f"model {args.model} via {segmenter.path}, skull strip {args.skull_strip}, threshold "
+          f"{segmenter.threshold_used}", flush=True)
     all_rows, summaries = [], {}
     for name in args.sets:
         rows = evaluate_set(name, args.data_root / name, segmenter, args.skull_strip)
@@ -239,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(table)
         args.out.with_suffix(".json").write_text(json.dumps(
             {"model": args.model, "size": args.size, "path": segmenter.path, "skull_strip": args.skull_strip,
-             "tta": args.tta, "summaries": summaries, "rows": all_rows}, indent=2, default=float) + "\n")
+             "tta": args.tta, "threshold": segmenter.threshold_used, "summaries": summaries,
+             "rows": all_rows}, indent=2, default=float) + "\n")
     return 0
 
 

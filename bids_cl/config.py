@@ -61,7 +61,7 @@ class RunConfig:
     model: str = "auto"
     folds: list[int] | None = None
     disable_tta: bool = False
-    threshold: float = 0.5
+    threshold: float | None = None  # None: the model's tuned threshold, else 0.5
     min_lesion_size: str | None = None
     connectivity: int = 26
     # preprocessing

@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_cl.train.demo import demo_model_dir
+from bids_cl.engine.registry import packaged_model_dir
 
-DEMO = demo_model_dir()
+DEMO = packaged_model_dir("demo")
 pytestmark = pytest.mark.skipif(not (DEMO / "plans.json").is_file(), reason="demo model folder absent")
 
 

@@ -194,3 +194,28 @@ def test_cpu_tta_and_errors(pointwise_model: Path, tmp_path: Path) -> None:
     with pytest.raises(BidsClError) as err:
         segment(_phantom(), str(pointwise_model), device="cpu", brain_mask=bad_mask)
     assert err.value.code == 65
+
+
+def test_model_tuned_threshold_is_the_default(tmp_path: Path) -> None:
+    """A model carrying postprocessing.threshold (bids_cl-train's tune step) is cut there unless the caller
+    gives a threshold; the summary says which threshold was used and where it came from."""
+    plans, dj = T.tiny_plans(norm=False), T.tiny_dataset_json()
+    weights = {0: T.intensity_weights(plans, dj, z_threshold=3.0)}
+
+    def model(postprocessing: dict | None) -> Path:
+        settings = {"name": "tuned", "orientation": "RAS",
+                    **({"postprocessing": postprocessing} if postprocessing else {})}
+        return T.write_model_folder(tmp_path / f"m{len(list(tmp_path.iterdir()))}", plans, dj, weights,
+                                    settings=settings)
+
+    img = _phantom()
+    plain = CLSegmenter(str(model(None)), device="cpu", nthreads=1).segment(img).summary
+    assert plain["Threshold"] == 0.5 and plain["ThresholdSource"] == "default"
+    tuned_model = model({"threshold": 0.01})
+    tuned = CLSegmenter(str(tuned_model), device="cpu", nthreads=1).segment(img).summary
+    assert tuned["Threshold"] == 0.01 and tuned["ThresholdSource"] == "model"
+    assert tuned["TotalVolume_uL"] > plain["TotalVolume_uL"] and plain["LesionCount"] == 3
+    user = CLSegmenter(str(tuned_model), device="cpu", nthreads=1, threshold=0.5).segment(img).summary
+    assert user["Threshold"] == 0.5 and user["ThresholdSource"] == "user" and user["LesionCount"] == 3
+    with pytest.raises(BidsClError, match="postprocessing.threshold"):
+        CLSegmenter(str(model({"threshold": 1.5})), device="cpu", nthreads=1)

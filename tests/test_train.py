@@ -197,6 +197,14 @@ def test_train_end_to_end_then_fine_tune(tiny: tuple[Path, Path], tmp_path: Path
         assert meta["orientation"] == "RAS" and meta["name"] == "tiny"
         assert meta["trainer_class"] == "bids_cl.train.trainers.BidsClTrainer"
         assert 1 <= meta["training"]["folds"][0]["epochs"] < 50  # the time budget stopped it
+        # the tune step chose a threshold on the validation split and re-locked the model
+        from bids_cl.engine.models import resolve_model
+        from bids_cl.train.tune import THRESHOLD_GRID
+
+        tuned_on = meta["postprocessing"]
+        assert tuned_on["threshold"] in THRESHOLD_GRID and tuned_on["validation_cases"] >= 1
+        assert set(tuned_on["f1_by_threshold"]) >= {f"{t:.2f}" for t in THRESHOLD_GRID}
+        assert resolve_model(model).trust == "lock"
         for fname in ("dataset.json", "plans.json", "dataset_fingerprint.json",
                       "fold_0/checkpoint_final.pth"):
             assert (model / fname).is_file(), fname
@@ -362,3 +370,20 @@ def test_source_model_record_takes_hashes_from_the_verified_lock(tmp_path: Path)
     demo = source_model_record(resolve_model("demo"))
     assert demo["name"] == "demo" and demo["trust"] == "lock"
     assert set(demo["checkpoints_sha256"]) == {"fold_0/checkpoint_final.pth"}
+
+
+def test_threshold_is_chosen_by_pooled_lesion_f1() -> None:
+    from bids_cl.train.tune import choose_threshold, pooled_counts_by_threshold
+
+    truth = np.zeros((20, 20, 20), np.uint8)
+    truth[3:6, 3:6, 3:6] = 1
+    probability = np.zeros(truth.shape, np.float32)
+    probability[3:6, 3:6, 3:6] = 0.45  # the true lesion, under-confident: lost at nnU-Net's 0.5
+    probability[12:15, 12:15, 12:15] = 0.35  # a false positive, less confident still
+    counts = pooled_counts_by_threshold([(probability, truth)] * 2, [0.3, 0.4, 0.5])
+    assert (counts[0.3].tp, counts[0.3].fp, counts[0.3].fn) == (2, 2, 0)
+    assert (counts[0.4].tp, counts[0.4].fp, counts[0.4].fn) == (2, 0, 0)
+    assert (counts[0.5].tp, counts[0.5].fp, counts[0.5].fn) == (0, 0, 2)
+    assert choose_threshold({t: float(c.f1()) for t, c in counts.items()}) == 0.4
+    # equal F1: stay nearest nnU-Net's 0.5
+    assert choose_threshold({0.3: 0.8, 0.45: 0.8, 0.6: 0.8, 0.7: 0.5}) == 0.45

@@ -126,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folds to ensemble (default: all in the model)")
     g.add_argument("--disable-tta", action="store_true",
                    help="no mirroring test-time augmentation (default: on for GPU, off for CPU)")
-    g.add_argument("--threshold", type=_probability, default=0.5,
-                   help="ensemble probability above which a voxel is lesion")
+    g.add_argument("--threshold", type=_probability,
+                   help="ensemble probability above which a voxel is lesion (default: the model's own, "
+                   "chosen on its validation split by bids_cl-train, else 0.5)")
     g.add_argument("--min-lesion-size", type=_min_size, metavar="SIZE",
                    help="drop lesions smaller than SIZE voxels, or µL with a unit ('3uL'); "
                    "default: keep all")

@@ -3,7 +3,7 @@
 Public API (docs/dev/architecture.md, "Engine API")::
 
     model = load_model("demo" | "/path/to/model_folder" | "/path/to/export.zip")
-    res = segment(image, model, device="auto", folds=None, tta=None, threshold=0.5,
+    res = segment(image, model, device="auto", folds=None, tta=None, threshold=None,
                   min_lesion_size=None, connectivity=26, nthreads=None, brain_mask=None, fast=True)
 
 Heavy imports (torch, nnU-Net) happen on first use, so ``import bids_cl.engine`` stays cheap.

@@ -294,6 +294,18 @@ class CLModel:
     def warning(self) -> str | None:
         return self.settings.get("warning") or None
 
+    @property
+    def tuned_threshold(self) -> float | None:
+        """The model's own probability threshold, chosen on its validation split (``bids_cl-train``'s
+        tune step, ``postprocessing.threshold`` in bids_cl_model.json); None when it has none."""
+        value = (self.settings.get("postprocessing") or {}).get("threshold")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise BidsClError(f"{MODEL_JSON}: postprocessing.threshold must be a number in [0, 1), not "
+                              f"{value!r}", EXIT_BAD_DATA)
+        return float(value)
+
     def _check_supported(self) -> None:
         configs = self.plans.get("configurations", {})
         if self.configuration_name not in configs:

@@ -103,7 +103,7 @@ class CLSegmenter:
 
     def __init__(self, model: str | os.PathLike[str] | CLModel, *, device: str | torch.device = "auto",
                  folds: Sequence[int | str] | None = None, tta: bool | None = None,
-                 threshold: float = 0.5, min_lesion_size: int | float | str | None = None,
+                 threshold: float | None = None, min_lesion_size: int | float | str | None = None,
                  connectivity: int = 26, nthreads: int | None = None, fast: bool = True,
                  tile_step_size: float = 0.5, compile_network: bool = False,
                  precision: str | None = None, keep_fold_probabilities: bool = True) -> None:
@@ -111,7 +111,15 @@ class CLSegmenter:
         self.device = resolve_device(device)
         self.nthreads = int(nthreads) if nthreads else default_threads()
         structure(connectivity)  # validate early
-        self.threshold, self.connectivity, self.min_lesion_size = threshold, connectivity, min_lesion_size
+        # threshold None: the model's tuned threshold where it carries one, else nnU-Net's argmax (0.5).
+        tuned = self.model.tuned_threshold
+        if threshold is not None:
+            self.threshold, self.threshold_source = float(threshold), "user"
+        elif tuned is not None:
+            self.threshold, self.threshold_source = tuned, "model"
+        else:
+            self.threshold, self.threshold_source = 0.5, "default"
+        self.connectivity, self.min_lesion_size = connectivity, min_lesion_size
         self.warnings: list[str] = []
         if self.device.type == "cpu":
             if tta is None:
@@ -213,6 +221,7 @@ class CLSegmenter:
             min_lesion_size=self.min_lesion_size, min_voxels=min_voxels, provenance=provenance,
             ood_warning=ood,
             extra={
+                "ThresholdSource": self.threshold_source,
                 "Folds": list(self.folds), "TTA": self.tta, "Device": self.device.type,
                 "FastPath": self.fast, "Threads": self.nthreads,
                 "Precision": getattr(self.predictor, "precision",
@@ -238,16 +247,18 @@ class CLSegmenter:
 
 
 def segment(image: ImageLike, model: str | os.PathLike[str] | CLModel, *, device: str | torch.device = "auto",
-            folds: Sequence[int | str] | None = None, tta: bool | None = None, threshold: float = 0.5,
+            folds: Sequence[int | str] | None = None, tta: bool | None = None, threshold: float | None = None,
             min_lesion_size: int | float | str | None = None, connectivity: int = 26,
             nthreads: int | None = None, brain_mask: ImageLike | None = None,
             fast: bool = True) -> SegmentationResult:
     """Segment cortical lesions in one skull-stripped T1-weighted image (see ``CLSegmenter``).
 
     ``device="auto"`` uses CUDA when present, else the CPU (with a warning; test-time mirroring is then
-    off unless ``tta=True``). ``folds=None`` uses every fold of the model. ``min_lesion_size``: voxels
-    (int) or a volume string such as ``"3uL"``. ``brain_mask``: zero the image outside it (the model
-    expects a zero background) and restrict lesions to it; default: the image's non-zero region.
+    off unless ``tta=True``). ``folds=None`` uses every fold of the model. ``threshold=None``: the model's
+    tuned threshold (bids_cl_model.json ``postprocessing``) where it has one, else 0.5.
+    ``min_lesion_size``: voxels (int) or a volume string such as ``"3uL"``. ``brain_mask``: zero the image
+    outside it (the model expects a zero background) and restrict lesions to it; default: the image's
+    non-zero region.
     """
     return CLSegmenter(model, device=device, folds=folds, tta=tta, threshold=threshold,
                        min_lesion_size=min_lesion_size, connectivity=connectivity, nthreads=nthreads,

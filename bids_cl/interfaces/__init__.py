@@ -62,7 +62,8 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     device = traits.Enum("auto", "cuda", "cpu", usedefault=True)
     folds = traits.Either(None, traits.List(traits.Int), default=None, usedefault=True)
     tta = traits.Either(None, traits.Bool, default=None, usedefault=True)
-    threshold = traits.Float(0.5, usedefault=True)
+    threshold = traits.Either(None, traits.Float, default=None, usedefault=True,
+                              desc="None: the model's tuned threshold, else 0.5")
     min_lesion_size = traits.Either(None, traits.Str, default=None, usedefault=True)
     connectivity = traits.Enum(26, 18, 6, usedefault=True)
     nthreads = traits.Int(1, usedefault=True)

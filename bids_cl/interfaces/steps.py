@@ -65,7 +65,7 @@ def skull_strip_files(
 def segment_files(
     brain_file: str, out_dir: str, *, model: str, mask_file: str | None = None,
     device: str = "auto", folds: list[int] | None = None, tta: bool | None = None,
-    threshold: float = 0.5, min_lesion_size: str | None = None, connectivity: int = 26,
+    threshold: float | None = None, min_lesion_size: str | None = None, connectivity: int = 26,
     nthreads: int | None = None,
 ) -> dict[str, str]:
     """Run the nnU-Net engine on a skull-stripped image; write probseg, mask, table, info."""
@@ -90,7 +90,8 @@ def segment_files(
         "folds": summary.get("Folds", folds),
         "tta": summary.get("TTA", tta),
         "device": summary.get("Device", device),
-        "threshold": threshold,
+        "threshold": summary.get("Threshold", threshold),
+        "threshold_source": summary.get("ThresholdSource"),
         "connectivity": connectivity,
         "min_lesion_size": min_lesion_size,
         "warnings": [w for w in [summary.get("OODWarning")] if w] + list(summary.get("Warnings", [])),

@@ -15,8 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import bids_cl
-
 # Training sets: seeds 1001-1003. Evaluation sets (benchmarks/demo_quality.py) use seeds 2001-2004.
 # Tiny (2 mm) phantoms, the size the README demo runs on: a network for them trains on 2 CPU cores.
 TRAIN_SETS: dict[str, dict[str, Any]] = {
@@ -27,12 +25,6 @@ TRAIN_SETS: dict[str, dict[str, Any]] = {
 }
 SET_CODES = {"train_3T": "a", "train_7T": "b", "train_mix": "c"}
 _SUB = re.compile(r"sub-([a-zA-Z0-9]+?)(?=[_/]|$)")
-
-
-def demo_model_dir() -> Path:
-    # Same folder as bids_cl.engine.registry.packaged_model_dir("demo"); kept import-light here because
-    # the training CLI needs it before torch/nnU-Net are loaded.
-    return Path(bids_cl.__file__).parent / "data" / "models" / "demo"
 
 
 def merge_datasets(out: Path, sources: dict[str, Path]) -> Path:

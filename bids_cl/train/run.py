@@ -38,7 +38,7 @@ from bids_cl.train.trainers import BidsClTrainer, TrainerSettings, register_ext_
 if TYPE_CHECKING:
     from bids_cl.engine.models import ResolvedModel
 
-STEPS = ("convert", "plan", "train", "export")
+STEPS = ("convert", "plan", "train", "export", "tune")
 DEFAULT_WARNING = ("Research use only. Trained on the data described in 'training'; check its performance on "
                    "your own data before relying on it.")
 
@@ -252,7 +252,7 @@ def source_model_record(source: ResolvedModel) -> dict[str, Any]:
 
 
 def run(opts: TrainOptions) -> Path | None:
-    """Run the requested steps; returns the model folder when the export step ran."""
+    """Run the requested steps; returns the model folder when the export or tune step ran."""
     opts.work_dir = Path(opts.work_dir).absolute()
     configure_environment(opts)
     if "convert" in opts.steps:
@@ -267,15 +267,24 @@ def run(opts: TrainOptions) -> Path | None:
         for r in results:
             _log(f"fold {r['fold']}: {r['epochs']} epochs in {r['seconds']} s, EMA pseudo Dice "
                  f"{r['final_ema_pseudo_dice']}")
-    if "export" not in opts.steps:
-        return None
-    results = json.loads(results_file.read_text()) if results_file.is_file() else []
-    model_dir = opts.output_model or opts.work_dir / "model"
-    from bids_cl.train.export import export_model
+    model_dir = Path(opts.output_model or opts.work_dir / "model")
+    if "export" in opts.steps:
+        results = json.loads(results_file.read_text()) if results_file.is_file() else []
+        from bids_cl.train.export import export_model
 
-    export_model(training_output_dir(opts), model_dir, folds=list(range(opts.folds)), name=opts.name,
-                 description=opts.description or f"nnU-Net CL model trained with bids_cl-train "
-                 f"({opts.dataset_name})", warning=opts.warning, trainer_class=BidsClTrainer,
-                 training=_recipe(opts, results, device), log=_log)
-    _log(f"model written to {model_dir}")
-    return Path(model_dir)
+        export_model(training_output_dir(opts), model_dir, folds=list(range(opts.folds)), name=opts.name,
+                     description=opts.description or f"nnU-Net CL model trained with bids_cl-train "
+                     f"({opts.dataset_name})", warning=opts.warning, trainer_class=BidsClTrainer,
+                     training=_recipe(opts, results, device), log=_log)
+        _log(f"model written to {model_dir}")
+    if "tune" in opts.steps:
+        from bids_cl.engine.models import MODEL_JSON
+        from bids_cl.train.tune import tune_threshold
+
+        if not (model_dir / MODEL_JSON).is_file():
+            raise BidsClError(f"no exported model in {model_dir}: run the export step first",
+                              EXIT_MISSING_INPUT)
+        raw_dir, pp_dir = _dataset_dirs(opts)
+        tune_threshold(model_dir, raw_dir, pp_dir, folds=range(opts.folds), device=opts.device,
+                       nthreads=opts.nthreads, log=_log)
+    return model_dir if {"export", "tune"} & set(opts.steps) else None

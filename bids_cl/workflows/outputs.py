@@ -245,6 +245,7 @@ def write_target_derivatives(
         "Description": "Cortical lesions (leukocortical, intracortical, juxtacortical), binary",
         **seg_common,
         "Threshold": segment_info.get("threshold"),
+        "ThresholdSource": segment_info.get("threshold_source"),
         "Connectivity": segment_info.get("connectivity"),
         "MinLesionSize": segment_info.get("min_lesion_size"),
     }
