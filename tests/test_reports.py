@@ -198,3 +198,12 @@ def test_render_check_catches_broken_images(built: FakeDataset) -> None:
     assert result["broken"] == ["sub-01/figures/does-not-exist.png"]
     assert result["imagesOk"] == result["images"] - 1
     assert any("undefinedFunction" in e for e in result["errors"])
+
+
+def test_report_names_where_the_threshold_came_from() -> None:
+    from bids_cl.reports.participant import _threshold_text
+
+    assert _threshold_text({"Threshold": 0.9, "ThresholdSource": "model"}) == \
+        "0.9 (the model's, tuned on its validation split)"
+    assert _threshold_text({"Threshold": 0.4, "ThresholdSource": "user"}) == "0.4 (--threshold)"
+    assert _threshold_text({"Threshold": 0.5}) == 0.5  # derivatives from before the source was recorded

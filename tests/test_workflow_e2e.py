@@ -126,6 +126,12 @@ def test_every_expected_derivative(first_run: dict, phantom: Path) -> None:
         assert mask_meta["Type"] == "Lesion"
         assert mask_meta["Sources"][0].startswith("bids:raw:")
         assert {"Threshold", "Connectivity", "MinLesionSize", "Model"} <= set(mask_meta)
+        # no --threshold given: the model's own (the demo carries one) or nnU-Net's 0.5, and which it was
+        from bids_cl.engine import load_model
+
+        tuned = load_model(first_run["cmd"][first_run["cmd"].index("--model") + 1]).tuned_threshold
+        assert (mask_meta["Threshold"], mask_meta["ThresholdSource"]) == \
+            ((tuned, "model") if tuned is not None else (0.5, "default"))
         assert json.loads((anat / f"{prefix}_desc-preproc_T1w.json").read_text())["SkullStripped"]
 
         # The outputs lie exactly on the input grid.

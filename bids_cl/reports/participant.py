@@ -51,6 +51,14 @@ LESION_DIGITS = {"volume_ul": 2, "mean_prob": 3, "max_prob": 3, "uncertainty": 3
 _THRESHOLD_SOURCES = {"user": "--threshold", "model": "the model's, tuned on its validation split",
                       "default": "nnU-Net's argmax"}
 
+
+def _threshold_text(summary: Mapping[str, Any]) -> Any:
+    source = summary.get("ThresholdSource")
+    if not source:  # derivatives written before the source was recorded
+        return summary.get("Threshold")
+    return f"{summary.get('Threshold')} ({_THRESHOLD_SOURCES.get(source, source)})"
+
+
 def generate_participant_report(out_dir: str | Path, participant_label: str, *,
                                 templates: Mapping[str, Any] | None = None,
                                 template_lookup: bool = True,
@@ -302,9 +310,7 @@ def _provenance_html(out_dir: Path, target: TargetOutputs, strategy: Any) -> str
         ("INV1", inputs.get("inv1")), ("INV2", inputs.get("inv2")),
         ("T1 map", inputs.get("t1map")),
         ("Skull-strip strategy", strategy),
-        ("Threshold", s.get("Threshold") if not s.get("ThresholdSource") else
-         f"{s.get('Threshold')} ({_THRESHOLD_SOURCES.get(s['ThresholdSource'], s['ThresholdSource'])})"),
-        ("Connectivity", s.get("Connectivity")),
+        ("Threshold", _threshold_text(s)), ("Connectivity", s.get("Connectivity")),
         ("Minimum lesion size", s.get("MinLesionSize")),
         ("Template spaces", s.get("Space") or []),
     ]
