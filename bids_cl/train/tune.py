@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bids_cl.evaluation.metrics import LesionCounts, lesionwise_metrics
+from bids_cl.evaluation.metrics import LesionCounts, label_lesions, match_lesions
 
 # The predecessor searched 0.30-0.65; confident false positives (docs/demo-model.md) call for higher values.
 THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.30 + 0.05 * i, 2) for i in range(14))  # 0.30 ... 0.95
@@ -30,8 +30,9 @@ def pooled_counts_by_threshold(cases: Iterable[tuple[np.ndarray, np.ndarray]], t
     """Lesion counts summed over cases for each threshold; a case is (probability, truth mask)."""
     totals = {float(t): LesionCounts(tp=0, fp=0, usl=0, fn=0, n_gt=0) for t in thresholds}
     for probability, truth in cases:
+        gt_labels, n_gt = label_lesions(truth > 0, connectivity)  # once per case, not per threshold
         for t in totals:
-            c = lesionwise_metrics(probability > t, truth > 0, connectivity=connectivity).counts
+            c = match_lesions(*label_lesions(probability > t, connectivity), gt_labels, n_gt).counts
             s = totals[t]
             totals[t] = LesionCounts(tp=s.tp + c.tp, fp=s.fp + c.fp, usl=s.usl + c.usl, fn=s.fn + c.fn,
                                      n_gt=s.n_gt + c.n_gt)
