@@ -9,10 +9,8 @@ metrics (paper definitions: 26-connected lesions, adjusted IoU >= 0.25 for a tru
 
 ``--generate`` (re)creates missing evaluation sets with bids_cl.synth (the seeds below) at ``--size``
 (``tiny``, 2 mm, the demo model's domain; ``full``, 1 / 0.75 mm). Keep one ``--data-root`` per size.
-The model runs through ``bids_cl.engine.CLSegmenter`` when the engine provides it (the path the app uses),
-otherwise through nnU-Net's predictor with the engine's conventions (RAS voxel order, brain-only input,
-threshold 0.5). The engine uses the model's tuned threshold (bids_cl-train's tune step) unless
-``--threshold`` is given.
+The model runs through ``bids_cl.engine.CLSegmenter``, the path the app uses. It applies the model's tuned
+threshold (bids_cl-train's tune step) unless ``--threshold`` is given.
 """
 
 from __future__ import annotations
@@ -58,77 +56,33 @@ def set_options(name: str, size: str) -> dict[str, Any]:
 
 @dataclass
 class Segmenter:
-    """Brain image (nibabel, any orientation) -> binary CL mask on the same grid."""
+    """Brain image (nibabel, any orientation) -> binary CL mask on the same grid, through the app's engine."""
 
     model: str
     nthreads: int
     tta: bool
     threshold: float | None = None  # None: the model's tuned threshold where it has one, else 0.5
+    min_lesion_size: str | None = None  # None: the model's tuned minimum size where it has one
 
     def __post_init__(self) -> None:
-        segmenter_class = _engine_segmenter()
-        if segmenter_class is not None:  # configure once, segment many (the app's own path)
-            model = str(_model_dir(self.model)) if self.model != "demo" else "demo"
-            self._engine = segmenter_class(model, device="cpu", tta=self.tta, nthreads=self.nthreads,
-                                           threshold=self.threshold)
-        else:
-            self._engine = None
-            self._predictor = _predictor(self.model, self.nthreads, self.tta)
+        from bids_cl.engine.segmentation import CLSegmenter
 
-    @property
-    def path(self) -> str:
-        return "bids_cl.engine.CLSegmenter" if self._engine is not None else "nnUNetPredictor"
+        # Configured once, used for every image; the model is found and lock-checked as bids_cl --model does.
+        self._engine = CLSegmenter(self.model, device="cpu", tta=self.tta, nthreads=self.nthreads,
+                                   threshold=self.threshold, min_lesion_size=self.min_lesion_size)
+
+    path = "bids_cl.engine.CLSegmenter"
 
     @property
     def threshold_used(self) -> str:
-        if self._engine is None:
-            return "0.5 (argmax)"
         return f"{self._engine.threshold:g} ({self._engine.threshold_source})"
 
+    @property
+    def min_lesion_size_used(self) -> str:
+        return f"{self._engine.min_lesion_size or 'none'} ({self._engine.min_lesion_size_source})"
+
     def __call__(self, brain: nib.Nifti1Image) -> np.ndarray:
-        if self._engine is not None:
-            res = self._engine.segment(brain)
-            return np.asanyarray(res.mask.dataobj) > 0
-        return _predict_native(self._predictor, brain)
-
-
-def _engine_segmenter() -> Any:
-    try:
-        from bids_cl.engine.segmentation import CLSegmenter
-    except ImportError:
-        return None
-    return CLSegmenter
-
-
-def _model_dir(model: str) -> Path:
-    # A name or folder, found and lock-checked as bids_cl --model does it.
-    from bids_cl.engine.models import resolve_model
-
-    return resolve_model(model).model_dir
-
-
-def _predictor(model: str, nthreads: int, tta: bool) -> Any:
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    torch.set_num_threads(nthreads)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
-                                device=torch.device("cpu"), verbose=False, verbose_preprocessing=False,
-                                allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(_model_dir(model)), use_folds=None)
-    return predictor
-
-
-def _predict_native(predictor: Any, brain: nib.Nifti1Image) -> np.ndarray:
-    """Engine conventions by hand: RAS voxel order in, nnU-Net (z, y, x) axis order, back to native."""
-    ras = nib.as_closest_canonical(brain)
-    data = np.asarray(ras.get_fdata(dtype=np.float32)).transpose(2, 1, 0)[None]
-    spacing = [float(z) for z in ras.header.get_zooms()[:3][::-1]]
-    seg = predictor.predict_single_npy_array(data, {"spacing": spacing}, None, None, False)
-    seg_ras = nib.Nifti1Image(np.asarray(seg).transpose(2, 1, 0).astype(np.uint8), ras.affine)
-    back = seg_ras.as_reoriented(nib.orientations.ornt_transform(
-        nib.orientations.io_orientation(ras.affine), nib.orientations.io_orientation(brain.affine)))
-    return np.asanyarray(back.dataobj) > 0
+        return np.asanyarray(self._engine.segment(brain).mask.dataobj) > 0
 
 
 def skull_strip(case: Any, img: nib.Nifti1Image, strategy: str) -> nib.Nifti1Image:
@@ -153,7 +107,21 @@ def wml_called_cl(pred: np.ndarray, wml: np.ndarray) -> tuple[int, int]:
     return int(hit.size), int(n)
 
 
-def evaluate_set(name: str, root: Path, segmenter: Segmenter, strategy: str) -> list[dict[str, Any]]:
+def lesion_rows(name: str, case_id: str, pred: np.ndarray, gt: np.ndarray) -> list[dict[str, Any]]:
+    """One row per predicted lesion (TP/FP/USL) and per missed truth lesion (FN), with its size: what a
+    minimum lesion size would keep or remove."""
+    from bids_cl.evaluation.metrics import FN, lesionwise_metrics
+
+    match = lesionwise_metrics(pred, gt)
+    rows = [{"set": name, "case": case_id, "lesion": "predicted", "verdict": str(v), "voxels": int(n)}
+            for v, n in zip(match.pred_verdict, match.pred_voxels, strict=True)]
+    rows += [{"set": name, "case": case_id, "lesion": "truth", "verdict": FN, "voxels": int(n)}
+             for v, n in zip(match.gt_verdict, match.gt_voxels, strict=True) if v == FN]
+    return rows
+
+
+def evaluate_set(name: str, root: Path, segmenter: Segmenter, strategy: str,
+                 lesions: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     from bids_cl.evaluation.metrics import evaluate_masks
     from bids_cl.train.convert import find_cases
 
@@ -174,6 +142,8 @@ def evaluate_set(name: str, root: Path, segmenter: Segmenter, strategy: str) -> 
                "seconds": round(seconds, 1), "wml_hit": hit, "wml": n_wml}
         row.update(evaluate_masks(pred, gt))
         rows.append(row)
+        if lesions is not None:
+            lesions += lesion_rows(name, case.case_id, pred, gt)
         print(f"{name} {case.case_id}: F1 {row['f1']:.2f} TP {row['tp']} FP {row['fp']} USL {row['usl']} "
               f"FN {row['fn']} Dice {row['dice']:.2f} WML->CL {hit}/{n_wml} ({seconds:.0f} s)", flush=True)
     return rows
@@ -230,27 +200,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
     p.add_argument("--threshold", type=float,
                    help="probability threshold (default: the model's tuned one, else 0.5)")
+    p.add_argument("--min-lesion-size", metavar="SIZE",
+                   help="minimum lesion size, as bids_cl --min-lesion-size (default: the model's tuned one, "
+                   "else none; 0 keeps every lesion)")
     p.add_argument("--nthreads", type=int, default=2)
     p.add_argument("--out", type=Path, help="write the markdown table here (and <out>.json with rows)")
+    p.add_argument("--lesions", type=Path, metavar="TSV",
+                   help="also write one row per predicted lesion and per missed truth lesion (verdict, "
+                   "voxels); with --min-lesion-size 0 it shows which sizes a size filter would remove")
     args = p.parse_args(argv)
 
     if args.generate:
         generate(args.data_root, args.sets, args.size)
-    segmenter = Segmenter(args.model, args.nthreads, args.tta, args.threshold)
+    segmenter = Segmenter(args.model, args.nthreads, args.tta, args.threshold, args.min_lesion_size)
     print(f"model {args.model} via {segmenter.path}, skull strip {args.skull_strip}, threshold "
-          f"{segmenter.threshold_used}", flush=True)
+          f"{segmenter.threshold_used}, minimum lesion size {segmenter.min_lesion_size_used}", flush=True)
     all_rows, summaries = [], {}
+    lesions: list[dict[str, Any]] | None = [] if args.lesions else None
     for name in args.sets:
-        rows = evaluate_set(name, args.data_root / name, segmenter, args.skull_strip)
+        rows = evaluate_set(name, args.data_root / name, segmenter, args.skull_strip, lesions)
         all_rows += rows
         summaries[name] = summarise(rows)
     table = markdown(summaries)
     print(table)
+    if args.lesions:
+        import pandas as pd
+
+        args.lesions.write_text(pd.DataFrame(lesions, columns=["set", "case", "lesion", "verdict", "voxels"])
+                                .to_csv(sep="\t", index=False))
     if args.out:
         args.out.write_text(table)
         args.out.with_suffix(".json").write_text(json.dumps(
             {"model": args.model, "size": args.size, "path": segmenter.path, "skull_strip": args.skull_strip,
-             "tta": args.tta, "threshold": segmenter.threshold_used, "summaries": summaries,
+             "tta": args.tta, "threshold": segmenter.threshold_used,
+             "min_lesion_size": segmenter.min_lesion_size_used, "summaries": summaries,
              "rows": all_rows}, indent=2, default=float) + "\n")
     return 0
 

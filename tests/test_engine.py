@@ -196,9 +196,9 @@ def test_cpu_tta_and_errors(pointwise_model: Path, tmp_path: Path) -> None:
     assert err.value.code == 65
 
 
-def test_model_tuned_threshold_is_the_default(tmp_path: Path) -> None:
-    """A model carrying postprocessing.threshold (bids_cl-train's tune step) is cut there unless the caller
-    gives a threshold; the summary says which threshold was used and where it came from."""
+def test_model_tuned_postprocessing_is_the_default(tmp_path: Path) -> None:
+    """A model carrying postprocessing (bids_cl-train's tune step) is cut at its threshold and minimum size
+    unless the caller gives them; the summary says which values were used and where they came from."""
     plans, dj = T.tiny_plans(norm=False), T.tiny_dataset_json()
     weights = {0: T.intensity_weights(plans, dj, z_threshold=3.0)}
 
@@ -219,3 +219,18 @@ def test_model_tuned_threshold_is_the_default(tmp_path: Path) -> None:
     assert user["Threshold"] == 0.5 and user["ThresholdSource"] == "user" and user["LesionCount"] == 3
     with pytest.raises(BidsClError, match="postprocessing.threshold"):
         CLSegmenter(str(model({"threshold": 1.5})), device="cpu", nthreads=1)
+
+    # The tuned minimum lesion size (µL): a size just above the smallest blob's drops that blob only.
+    smallest = float(CLSegmenter(str(model(None)), device="cpu", nthreads=1).segment(img).lesions
+                     .volume_ul.min())
+    sized_model = model({"threshold": 0.5, "min_lesion_size_ul": smallest + 1})
+    sized = CLSegmenter(str(sized_model), device="cpu", nthreads=1).segment(img).summary
+    assert sized["LesionCount"] == 2 and sized["MinLesionSizeSource"] == "model"
+    assert sized["MinLesionSize"] == f"{smallest + 1:g}uL" and sized["MinLesionSizeVoxels"] > 0
+    assert plain["MinLesionSize"] is None and plain["MinLesionSizeSource"] == "default"
+    every = CLSegmenter(str(sized_model), device="cpu", nthreads=1, min_lesion_size=0).segment(img).summary
+    assert every["LesionCount"] == 3 and every["MinLesionSizeSource"] == "user"  # 0 keeps every lesion
+    for bad in (-1, "80uL", True):
+        with pytest.raises(BidsClError, match="postprocessing.min_lesion_size_ul") as err:
+            CLSegmenter(str(model({"min_lesion_size_ul": bad})), device="cpu", nthreads=1)
+        assert err.value.code == 65

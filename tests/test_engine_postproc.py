@@ -53,6 +53,9 @@ def test_threshold_is_strict() -> None:
 @pytest.mark.parametrize(("size", "voxel_ul", "expected"), [
     (None, 1.0, None), (3, 1.0, 3), ("3", 1.0, 3), ("5vox", 0.5, 5),
     ("3uL", 1.0, 3), ("3 µL", 0.125, 24), ("2.5uL", 1.0, 3), ("1mm3", 0.343, 3), ((3.0, "ul"), 1.5, 2),
+    # 10 voxels of 0.7 mm as a volume, read back on a float32 header's slightly smaller voxels: still 10
+    ((3.43, "ul"), float(np.float32(0.7)) ** 3, 10), ((80.0, "ul"), 7.999999999999998, 10),
+    ((80.0, "ul"), 9.6, 9),
 ])
 def test_min_size_units(size: object, voxel_ul: float, expected: int | None) -> None:
     assert min_size_in_voxels(size, voxel_ul) == expected

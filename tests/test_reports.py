@@ -207,3 +207,15 @@ def test_report_names_where_the_threshold_came_from() -> None:
         "0.9 (the model's, tuned on its validation split)"
     assert _threshold_text({"Threshold": 0.4, "ThresholdSource": "user"}) == "0.4 (--threshold)"
     assert _threshold_text({"Threshold": 0.5}) == 0.5  # derivatives from before the source was recorded
+
+
+def test_report_names_where_the_minimum_lesion_size_came_from() -> None:
+    from bids_cl.reports.participant import _min_size_text
+
+    assert _min_size_text({"MinLesionSize": "80uL", "MinLesionSizeVoxels": 10,
+                           "MinLesionSizeSource": "model"}) == \
+        "80uL = 10 voxels (the model's, tuned on its validation split)"
+    assert _min_size_text({"MinLesionSize": 3, "MinLesionSizeVoxels": 3, "MinLesionSizeSource": "user"}) == \
+        "3 (--min-lesion-size)"
+    assert _min_size_text({"MinLesionSize": None, "MinLesionSizeSource": "default"}) == \
+        "none (every lesion kept)"

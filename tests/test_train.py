@@ -199,11 +199,16 @@ def test_train_end_to_end_then_fine_tune(tiny: tuple[Path, Path], tmp_path: Path
         assert 1 <= meta["training"]["folds"][0]["epochs"] < 50  # the time budget stopped it
         # the tune step chose a threshold on the validation split and re-locked the model
         from bids_cl.engine.models import resolve_model
-        from bids_cl.train.tune import THRESHOLD_GRID
+        from bids_cl.train.tune import MIN_SIZE_GRID_VOXELS, THRESHOLD_GRID
 
         tuned_on = meta["postprocessing"]
         assert tuned_on["threshold"] in THRESHOLD_GRID and tuned_on["validation_cases"] >= 1
-        assert set(tuned_on["f1_by_threshold"]) >= {f"{t:.2f}" for t in THRESHOLD_GRID}
+        assert tuned_on["min_lesion_size_voxels"] in MIN_SIZE_GRID_VOXELS
+        voxels = tuned_on["min_lesion_size_voxels"]
+        assert tuned_on["min_lesion_size_ul"] == pytest.approx(voxels * 8.0)  # 2 mm phantom voxels
+        assert set(tuned_on["f1_grid"]) >= {f"{t:.2f}" for t in THRESHOLD_GRID}
+        assert set(tuned_on["f1_grid"]["0.50"]) == {str(v) for v in MIN_SIZE_GRID_VOXELS}
+        assert tuned_on["f1"] == max(max(row.values()) for row in tuned_on["f1_grid"].values())
         assert resolve_model(model).trust == "lock"
         for fname in ("dataset.json", "plans.json", "dataset_fingerprint.json",
                       "fold_0/checkpoint_final.pth"):
@@ -372,18 +377,24 @@ def test_source_model_record_takes_hashes_from_the_verified_lock(tmp_path: Path)
     assert set(demo["checkpoints_sha256"]) == {"fold_0/checkpoint_final.pth"}
 
 
-def test_threshold_is_chosen_by_pooled_lesion_f1() -> None:
-    from bids_cl.train.tune import choose_threshold, pooled_counts_by_threshold
+def test_postprocessing_is_chosen_by_pooled_lesion_f1() -> None:
+    from bids_cl.train.tune import choose_setting, pooled_counts
 
     truth = np.zeros((20, 20, 20), np.uint8)
     truth[3:6, 3:6, 3:6] = 1
     probability = np.zeros(truth.shape, np.float32)
     probability[3:6, 3:6, 3:6] = 0.45  # the true lesion, under-confident: lost at nnU-Net's 0.5
     probability[12:15, 12:15, 12:15] = 0.35  # a false positive, less confident still
-    counts = pooled_counts_by_threshold([(probability, truth)] * 2, [0.3, 0.4, 0.5])
-    assert (counts[0.3].tp, counts[0.3].fp, counts[0.3].fn) == (2, 2, 0)
-    assert (counts[0.4].tp, counts[0.4].fp, counts[0.4].fn) == (2, 0, 0)
-    assert (counts[0.5].tp, counts[0.5].fp, counts[0.5].fn) == (0, 0, 2)
-    assert choose_threshold({t: float(c.f1()) for t, c in counts.items()}) == 0.4
-    # equal F1: stay nearest nnU-Net's 0.5
-    assert choose_threshold({0.3: 0.8, 0.45: 0.8, 0.6: 0.8, 0.7: 0.5}) == 0.45
+    probability[17, 17, 17] = 0.9  # a confident one-voxel speck: only a size filter removes it
+    voxel_ul = 8.0  # 2 mm voxels: sizes are volumes, turned into voxels as the engine does
+    counts = pooled_counts([(probability, truth, voxel_ul)] * 2, [0.3, 0.4, 0.5], [0.0, 16.0])
+    assert (counts[(0.3, 0.0)].tp, counts[(0.3, 0.0)].fp, counts[(0.3, 0.0)].fn) == (2, 4, 0)
+    assert (counts[(0.4, 0.0)].tp, counts[(0.4, 0.0)].fp, counts[(0.4, 0.0)].fn) == (2, 2, 0)
+    assert (counts[(0.4, 16.0)].tp, counts[(0.4, 16.0)].fp, counts[(0.4, 16.0)].fn) == (2, 0, 0)
+    assert (counts[(0.5, 16.0)].tp, counts[(0.5, 16.0)].fp, counts[(0.5, 16.0)].fn) == (0, 0, 2)
+    assert choose_setting({k: float(c.f1()) for k, c in counts.items()}) == (0.4, 16.0)
+    # equal F1: the threshold nearest nnU-Net's 0.5 (then the lower one), then the smallest size
+    assert choose_setting({(0.3, 0.0): 0.8, (0.45, 8.0): 0.8, (0.45, 4.0): 0.8, (0.55, 0.0): 0.8,
+                           (0.7, 0.0): 0.5}) == (0.45, 4.0)
+
+

@@ -129,9 +129,13 @@ def test_every_expected_derivative(first_run: dict, phantom: Path) -> None:
         # no --threshold given: the model's own (the demo carries one) or nnU-Net's 0.5, and which it was
         from bids_cl.engine import load_model
 
-        tuned = load_model(first_run["cmd"][first_run["cmd"].index("--model") + 1]).tuned_threshold
+        used_model = load_model(first_run["cmd"][first_run["cmd"].index("--model") + 1])
+        tuned = used_model.tuned_threshold
         assert (mask_meta["Threshold"], mask_meta["ThresholdSource"]) == \
             ((tuned, "model") if tuned is not None else (0.5, "default"))
+        tuned_size = used_model.tuned_min_lesion_size_ul  # the same for the minimum lesion size
+        assert (mask_meta["MinLesionSize"], mask_meta["MinLesionSizeSource"]) == \
+            ((f"{tuned_size:g}uL", "model") if tuned_size is not None else (None, "default"))
         assert json.loads((anat / f"{prefix}_desc-preproc_T1w.json").read_text())["SkullStripped"]
 
         # The outputs lie exactly on the input grid.

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "chosen on its validation split by bids_cl-train, else 0.5)")
     g.add_argument("--min-lesion-size", type=_min_size, metavar="SIZE",
                    help="drop lesions smaller than SIZE voxels, or µL with a unit ('3uL'); "
-                   "default: keep all")
+                   "default: the model's tuned size (bids_cl-train's tune step), else keep all; 0 keeps all")
     g.add_argument("--connectivity", type=int, choices=CONNECTIVITY_CHOICES, default=26,
                    help="voxel neighbourhood that joins lesion voxels into one lesion")
 

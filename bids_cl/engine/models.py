@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -298,12 +299,29 @@ class CLModel:
     def tuned_threshold(self) -> float | None:
         """The model's own probability threshold, chosen on its validation split (``bids_cl-train``'s
         tune step, ``postprocessing.threshold`` in bids_cl_model.json); None when it has none."""
-        value = (self.settings.get("postprocessing") or {}).get("threshold")
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        value = self._postprocessing_number("threshold")
+        if value is not None and not 0.0 <= value < 1.0:
             raise BidsClError(f"{MODEL_JSON}: postprocessing.threshold must be a number in [0, 1), not "
                               f"{value!r}", EXIT_BAD_DATA)
+        return value
+
+    @property
+    def tuned_min_lesion_size_ul(self) -> float | None:
+        """The model's own minimum lesion size in µL, chosen with its threshold
+        (``postprocessing.min_lesion_size_ul``); None when it has none."""
+        value = self._postprocessing_number("min_lesion_size_ul")
+        if value is not None and not (math.isfinite(value) and value >= 0.0):
+            raise BidsClError(f"{MODEL_JSON}: postprocessing.min_lesion_size_ul must be a volume >= 0, not "
+                              f"{value!r}", EXIT_BAD_DATA)
+        return value
+
+    def _postprocessing_number(self, key: str) -> float | None:
+        value = (self.settings.get("postprocessing") or {}).get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BidsClError(f"{MODEL_JSON}: postprocessing.{key} must be a number, not {value!r}",
+                              EXIT_BAD_DATA)
         return float(value)
 
     def _check_supported(self) -> None:

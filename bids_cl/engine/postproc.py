@@ -56,8 +56,10 @@ def min_size_in_voxels(min_lesion_size: int | float | str | tuple[float, str] | 
     if value < 0 or not math.isfinite(value):
         raise BidsClError(f"min_lesion_size must be a positive size, not {min_lesion_size!r}", EXIT_USAGE)
     if unit in ("ul", "µl", "mm3"):
-        # The small epsilon keeps e.g. 3 uL on 1 mm voxels at exactly 3 voxels despite float rounding.
-        return max(int(math.ceil(value / voxel_volume_ul - 1e-9)), 0)
+        # A relative tolerance keeps e.g. 3 uL on 1 mm voxels at exactly 3 voxels despite float rounding,
+        # including float32 header zooms (0.7 mm is stored as 0.699999988): 1e-6 is far above their error
+        # (~2e-7 in a voxel volume) and far below any real difference between two sizes.
+        return max(int(math.ceil(value / voxel_volume_ul * (1.0 - 1e-6))), 0)
     return max(int(math.ceil(value - 1e-9)), 0)
 
 

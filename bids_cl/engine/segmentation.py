@@ -119,7 +119,15 @@ class CLSegmenter:
             self.threshold, self.threshold_source = tuned, "model"
         else:
             self.threshold, self.threshold_source = 0.5, "default"
-        self.connectivity, self.min_lesion_size = connectivity, min_lesion_size
+        # min_lesion_size None: the model's tuned minimum size where it carries one, else keep every lesion.
+        tuned_size = self.model.tuned_min_lesion_size_ul
+        if min_lesion_size is not None:
+            self.min_lesion_size, self.min_lesion_size_source = min_lesion_size, "user"
+        elif tuned_size is not None:
+            self.min_lesion_size, self.min_lesion_size_source = f"{tuned_size:g}uL", "model"
+        else:
+            self.min_lesion_size, self.min_lesion_size_source = None, "default"
+        self.connectivity = connectivity
         self.warnings: list[str] = []
         if self.device.type == "cpu":
             if tta is None:
@@ -222,6 +230,7 @@ class CLSegmenter:
             ood_warning=ood,
             extra={
                 "ThresholdSource": self.threshold_source,
+                "MinLesionSizeSource": self.min_lesion_size_source,
                 "Folds": list(self.folds), "TTA": self.tta, "Device": self.device.type,
                 "FastPath": self.fast, "Threads": self.nthreads,
                 "Precision": getattr(self.predictor, "precision",
@@ -256,7 +265,8 @@ def segment(image: ImageLike, model: str | os.PathLike[str] | CLModel, *, device
     ``device="auto"`` uses CUDA when present, else the CPU (with a warning; test-time mirroring is then
     off unless ``tta=True``). ``folds=None`` uses every fold of the model. ``threshold=None``: the model's
     tuned threshold (bids_cl_model.json ``postprocessing``) where it has one, else 0.5.
-    ``min_lesion_size``: voxels (int) or a volume string such as ``"3uL"``. ``brain_mask``: zero the image
+    ``min_lesion_size``: voxels (int) or a volume string such as ``"3uL"``; None: the model's tuned minimum
+    size where it has one, else every lesion is kept (0 keeps every lesion). ``brain_mask``: zero the image
     outside it (the model expects a zero background) and restrict lesions to it; default: the image's
     non-zero region.
     """

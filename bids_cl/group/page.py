@@ -17,7 +17,8 @@ STAT_DIGITS = {"mean": 2, "sd": 2, "median": 2, "q1": 2, "q3": 2, "min": 2, "max
 
 # In the TSV, not on the page: constant per run or shown in the overview already.
 HIDDEN_IMAGE_COLUMNS = ("model_version", "model_warning", "threshold", "connectivity",
-                        "min_lesion_size", "spaces", "n_warnings", "bids_cl_version")
+                        "min_lesion_size", "min_lesion_size_voxels", "spaces", "n_warnings",
+                        "bids_cl_version")
 
 
 def _rel(out_dir: Path, path: Path) -> str:

@@ -45,7 +45,10 @@ IMAGE_COLUMNS: dict[str, dict[str, Any]] = {
                          "Units": "uL"},
     "threshold": {"Description": "probability threshold of the lesion mask"},
     "connectivity": {"Description": "voxel connectivity used to separate lesions (6, 18, 26)"},
-    "min_lesion_size": {"Description": "smallest lesion kept (as configured for the run)"},
+    "min_lesion_size": {"Description": "smallest lesion kept, as given (voxels, or a volume such as 80uL); "
+                                       "n/a when every lesion was kept"},
+    "min_lesion_size_voxels": {"Description": "smallest lesion kept, in voxels of this image; n/a when every "
+                                              "lesion was kept"},
     "spaces": {"Description": "template spaces with lesion masks (comma separated)"},
     "n_warnings": {"Description": "number of warnings in the summary"},
     "bids_cl_version": {"Description": "bids_cl version that produced the outputs"},
@@ -135,7 +138,9 @@ def image_row(target: TargetOutputs) -> dict[str, Any]:
         "median_volume_ul": _number(s.get("MedianVolume_uL")),
         "threshold": _number(s.get("Threshold")),
         "connectivity": _number(s.get("Connectivity")),
-        "min_lesion_size": _number(s.get("MinLesionSize")),
+        # The size as given: a volume ("80uL", e.g. the model's tuned size) is not a plain number.
+        "min_lesion_size": None if s.get("MinLesionSize") is None else str(s.get("MinLesionSize")),
+        "min_lesion_size_voxels": _number(s.get("MinLesionSizeVoxels")) or np.nan,
         "spaces": ",".join(target.spaces) or None,
         "n_warnings": len(s.get("Warnings") or []),
         "bids_cl_version": generated.get("Version"),

@@ -64,7 +64,8 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     tta = traits.Either(None, traits.Bool, default=None, usedefault=True)
     threshold = traits.Either(None, traits.Float, default=None, usedefault=True,
                               desc="None: the model's tuned threshold, else 0.5")
-    min_lesion_size = traits.Either(None, traits.Str, default=None, usedefault=True)
+    min_lesion_size = traits.Either(None, traits.Str, default=None, usedefault=True,
+                                    desc="None: the model's tuned minimum size, else keep every lesion")
     connectivity = traits.Enum(26, 18, 6, usedefault=True)
     nthreads = traits.Int(1, usedefault=True)
     # Nipype's MultiProc counts a node as GPU work when its interface sets use_gpu: one GPU is then

@@ -93,7 +93,8 @@ def segment_files(
         "threshold": summary.get("Threshold", threshold),
         "threshold_source": summary.get("ThresholdSource"),
         "connectivity": connectivity,
-        "min_lesion_size": min_lesion_size,
+        "min_lesion_size": summary.get("MinLesionSize", min_lesion_size),
+        "min_lesion_size_source": summary.get("MinLesionSizeSource"),
         "warnings": [w for w in [summary.get("OODWarning")] if w] + list(summary.get("Warnings", [])),
         "seconds": round(time.perf_counter() - start, 3),
     }

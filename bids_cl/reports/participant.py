@@ -47,16 +47,30 @@ LESION_DIGITS = {"volume_ul": 2, "mean_prob": 3, "max_prob": 3, "uncertainty": 3
                  "template_z": 1}
 
 
-# Where the lesion threshold came from (engine summary "ThresholdSource").
+# Where the lesion threshold and minimum size came from (engine summary "...Source").
 _THRESHOLD_SOURCES = {"user": "--threshold", "model": "the model's, tuned on its validation split",
                       "default": "nnU-Net's argmax"}
+_MIN_SIZE_SOURCES = {"user": "--min-lesion-size", "model": "the model's, tuned on its validation split",
+                     "default": "every lesion kept"}
+
+
+def _with_source(value: Any, source: str | None, sources: Mapping[str, str]) -> Any:
+    if not source:  # derivatives written before the source was recorded
+        return value
+    return f"{value} ({sources.get(source, source)})"
 
 
 def _threshold_text(summary: Mapping[str, Any]) -> Any:
-    source = summary.get("ThresholdSource")
-    if not source:  # derivatives written before the source was recorded
-        return summary.get("Threshold")
-    return f"{summary.get('Threshold')} ({_THRESHOLD_SOURCES.get(source, source)})"
+    return _with_source(summary.get("Threshold"), summary.get("ThresholdSource"), _THRESHOLD_SOURCES)
+
+
+def _min_size_text(summary: Mapping[str, Any]) -> Any:
+    size = summary.get("MinLesionSize")
+    voxels = summary.get("MinLesionSizeVoxels")
+    if size is not None and voxels is not None and str(size) != str(voxels):
+        size = f"{size} = {voxels} voxels"
+    return _with_source("none" if size is None else size, summary.get("MinLesionSizeSource"),
+                        _MIN_SIZE_SOURCES)
 
 
 def generate_participant_report(out_dir: str | Path, participant_label: str, *,
@@ -311,7 +325,7 @@ def _provenance_html(out_dir: Path, target: TargetOutputs, strategy: Any) -> str
         ("T1 map", inputs.get("t1map")),
         ("Skull-strip strategy", strategy),
         ("Threshold", _threshold_text(s)), ("Connectivity", s.get("Connectivity")),
-        ("Minimum lesion size", s.get("MinLesionSize")),
+        ("Minimum lesion size", _min_size_text(s)),
         ("Template spaces", s.get("Space") or []),
     ]
     html_parts = ["<h4>Inputs and parameters</h4>", kv_table(rows)]

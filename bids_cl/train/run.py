@@ -279,12 +279,12 @@ def run(opts: TrainOptions) -> Path | None:
         _log(f"model written to {model_dir}")
     if "tune" in opts.steps:
         from bids_cl.engine.models import MODEL_JSON
-        from bids_cl.train.tune import tune_threshold
+        from bids_cl.train.tune import tune_postprocessing
 
         if not (model_dir / MODEL_JSON).is_file():
             raise BidsClError(f"no exported model in {model_dir}: run the export step first",
                               EXIT_MISSING_INPUT)
         raw_dir, pp_dir = _dataset_dirs(opts)
-        tune_threshold(model_dir, raw_dir, pp_dir, folds=range(opts.folds), device=opts.device,
-                       nthreads=opts.nthreads, log=_log)
+        tune_postprocessing(model_dir, raw_dir, pp_dir, folds=range(opts.folds), device=opts.device,
+                            nthreads=opts.nthreads, log=_log)
     return model_dir if {"export", "tune"} & set(opts.steps) else None

@@ -248,6 +248,7 @@ def write_target_derivatives(
         "ThresholdSource": segment_info.get("threshold_source"),
         "Connectivity": segment_info.get("connectivity"),
         "MinLesionSize": segment_info.get("min_lesion_size"),
+        "MinLesionSizeSource": segment_info.get("min_lesion_size_source"),
     }
     written.append(atomic_write_json(_json_for(path), mask_meta))
 
