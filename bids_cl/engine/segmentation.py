@@ -98,6 +98,15 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def _resolve_setting(user: Any, tuned: Any, default: Any) -> tuple[Any, str]:
+    """A post-processing setting and where it came from: the caller's, else the model's, else the default."""
+    if user is not None:
+        return user, "user"
+    if tuned is not None:
+        return tuned, "model"
+    return default, "default"
+
+
 class CLSegmenter:
     """A configured nnU-Net CL segmenter: build once, call ``segment`` for each image."""
 
@@ -111,22 +120,12 @@ class CLSegmenter:
         self.device = resolve_device(device)
         self.nthreads = int(nthreads) if nthreads else default_threads()
         structure(connectivity)  # validate early
-        # threshold None: the model's tuned threshold where it carries one, else nnU-Net's argmax (0.5).
-        tuned = self.model.tuned_threshold
-        if threshold is not None:
-            self.threshold, self.threshold_source = float(threshold), "user"
-        elif tuned is not None:
-            self.threshold, self.threshold_source = tuned, "model"
-        else:
-            self.threshold, self.threshold_source = 0.5, "default"
-        # min_lesion_size None: the model's tuned minimum size where it carries one, else keep every lesion.
+        # None: the model's tuned value where it carries one, else nnU-Net's argmax (0.5) / every lesion kept.
+        self.threshold, self.threshold_source = _resolve_setting(
+            None if threshold is None else float(threshold), self.model.tuned_threshold, 0.5)
         tuned_size = self.model.tuned_min_lesion_size_ul
-        if min_lesion_size is not None:
-            self.min_lesion_size, self.min_lesion_size_source = min_lesion_size, "user"
-        elif tuned_size is not None:
-            self.min_lesion_size, self.min_lesion_size_source = f"{tuned_size:g}uL", "model"
-        else:
-            self.min_lesion_size, self.min_lesion_size_source = None, "default"
+        self.min_lesion_size, self.min_lesion_size_source = _resolve_setting(
+            min_lesion_size, None if tuned_size is None else f"{tuned_size:g}uL", None)
         self.connectivity = connectivity
         self.warnings: list[str] = []
         if self.device.type == "cpu":

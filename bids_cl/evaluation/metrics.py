@@ -205,6 +205,11 @@ class LesionCounts:
     fn: Number
     n_gt: Number
 
+    def __add__(self, other: LesionCounts) -> LesionCounts:
+        """Counts pooled over two sets of images (field by field)."""
+        return LesionCounts(tp=self.tp + other.tp, fp=self.fp + other.fp, usl=self.usl + other.usl,
+                            fn=self.fn + other.fn, n_gt=self.n_gt + other.n_gt)
+
     @property
     def n_pred(self) -> Number:
         return np.asarray(self.tp) + np.asarray(self.fp) + np.asarray(self.usl)

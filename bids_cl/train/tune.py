@@ -42,21 +42,19 @@ def pooled_counts(cases: Iterable[tuple[np.ndarray, np.ndarray, float]], thresho
     the engine converts ``--min-lesion-size 80uL`` (``min_size_in_voxels``), so tuning scores what
     inference will do.
     """
-    settings = [(float(t), float(s)) for t in thresholds for s in min_sizes_ul]
-    totals = {k: LesionCounts(tp=0, fp=0, usl=0, fn=0, n_gt=0) for k in settings}
+    thresholds, sizes = sorted({float(t) for t in thresholds}), sorted({float(s) for s in min_sizes_ul})
+    totals = {(t, s): LesionCounts(tp=0, fp=0, usl=0, fn=0, n_gt=0) for t in thresholds for s in sizes}
     for probability, truth, voxel_ul in cases:
         gt_labels, n_gt = label_lesions(truth > 0, connectivity)  # once per case, not per setting
-        for t in sorted({t for t, _ in settings}):
+        for t in thresholds:
             labels, n = label_lesions(probability > t, connectivity)
             by_voxels: dict[int, LesionCounts] = {}  # sizes that round to the same voxel count score once
-            for s in sorted({s for tt, s in settings if tt == t}):
+            for s in sizes:
                 min_voxels = min_size_in_voxels((s, "ul"), voxel_ul) or 0
                 if min_voxels not in by_voxels:
                     kept, n_kept = remove_small_components(labels, n, min_voxels)
                     by_voxels[min_voxels] = match_lesions(kept, n_kept, gt_labels, n_gt).counts
-                c, total = by_voxels[min_voxels], totals[(t, s)]
-                totals[(t, s)] = LesionCounts(tp=total.tp + c.tp, fp=total.fp + c.fp, usl=total.usl + c.usl,
-                                              fn=total.fn + c.fn, n_gt=total.n_gt + c.n_gt)
+                totals[(t, s)] += by_voxels[min_voxels]
     return totals
 
 
