@@ -16,9 +16,11 @@ from typing import Any
 
 import tomllib
 
+from bids_cl.preproc.skullstrip import STRATEGIES
+
 DEFAULT_OUTPUT_SPACES = ["MNI152NLin2009aSym"]
 ANALYSIS_LEVELS = ("participant", "group")
-SKULL_STRIP_CHOICES = ("auto", "synthstrip", "deepbet", "inv2", "ants", "none")
+SKULL_STRIP_CHOICES = STRATEGIES  # one list, owned by the skull-stripping code
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
 CONNECTIVITY_CHOICES = (6, 18, 26)
 

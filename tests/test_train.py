@@ -11,9 +11,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_bids, write_nifti
 
+from bids_cl.errors import EXIT_BAD_DATA, BidsClError
 from bids_cl.train.convert import build_raw_dataset, find_cases
 from bids_cl.train.plans import NetworkSpec, reduce_configuration, write_splits
+from bids_cl.utils.bids import discover, make_layout
 
 
 def _ball(shape: tuple[int, int, int], centre: np.ndarray, radius: float) -> np.ndarray:
@@ -83,6 +86,77 @@ def test_find_cases_pairs_images_with_masks(tiny: tuple[Path, Path], tmp_path: P
     assert all(c.brain_mask is not None for c in cases)
     only = find_cases(bids, labels, participants=["sub-02"])[0]
     assert [c.participant for c in only] == ["02"]
+
+
+def _seen_by_inference(root: Path) -> list[tuple]:
+    items = discover(make_layout(root))
+    return [(i.prefix, i.target, i.sequence, i.inv2) for i in items if i.problem is None]
+
+
+def _seen_by_training(cases: list) -> list[tuple]:
+    return [(c.case_id, str(c.image), c.sequence, str(c.inv2) if c.inv2 else None) for c in cases]
+
+
+def test_training_pairs_a_uni_filed_as_t1w_with_its_inv2_as_inference_does(tmp_path: Path) -> None:
+    """bids_cl-synth --sequence both --uni-as-t1w: the UNI is ``acq-UNI_T1w``, its inversions
+    ``acq-mp2rage_inv-*``. Training's old globs looked for ``<prefix>_inv-2`` (with or without acq-) and
+    found no INV2, so the UNI was skull stripped without it, unlike at inference."""
+    from bids_cl.synth.generate import generate_dataset
+
+    root = generate_dataset(tmp_path / "ph", participants=1, seed=0, size="tiny", sequence="both",
+                            uni_as_t1w=True, lesion_free_fraction=0.0)
+    cases = find_cases(root, root / "derivatives" / "manual_masks", log=lambda _m: None)[0]
+    assert _seen_by_training(cases) == _seen_by_inference(root)
+    uni = {c.case_id: c for c in cases}["sub-01_ses-01_acq-UNI"]
+    assert uni.sequence == "MP2RAGE"
+    assert uni.inv2 is not None and uni.inv2.name == "sub-01_ses-01_acq-mp2rage_inv-2_part-mag_MP2RAGE.nii.gz"
+
+
+def test_training_follows_discovery_where_the_old_globs_did_not(tmp_path: Path) -> None:
+    root = write_bids(tmp_path / "bids", {
+        # a UNI filed as T1w, recognised by its sidecar only (no acq-uni, no PulseSequenceType)
+        "sub-01/anat/sub-01_acq-highres_T1w.nii.gz": {
+            "InversionTime": [0.7, 2.5], "SeriesDescription": "t1_mp2rage_sag_p3_UNI_Images"},
+        "sub-01/anat/sub-01_inv-2_part-mag_MP2RAGE.nii.gz": None,
+        # UNIT1 and T1w sharing acq-fast: the UNIT1's prefix becomes acq-fastUNIT1 (one acq- entity)
+        "sub-02/anat/sub-02_acq-fast_UNIT1.nii.gz": None,
+        "sub-02/anat/sub-02_acq-fast_T1w.nii.gz": None,
+        # the INV2 magnitude, never its imaginary part (which sorts first by name)
+        "sub-03/anat/sub-03_UNIT1.nii.gz": None,
+        "sub-03/anat/sub-03_inv-2_part-imag_MP2RAGE.nii.gz": None,
+        "sub-03/anat/sub-03_inv-2_part-mag_MP2RAGE.nii.gz": None,
+        # an unreadable (0-byte) image with a mask: reported and skipped, not converted
+        "sub-04/anat/sub-04_T1w.nii.gz": {"__empty__": True},
+    })
+    labels = tmp_path / "masks"
+    for prefix in ("sub-01_acq-highres", "sub-02_acq-fast", "sub-02_acq-fastUNIT1", "sub-03", "sub-04",
+                   "sub-01_run-1"):  # the last one names no image
+        write_nifti(labels / f"{prefix}_label-CL_mask.nii.gz", value=0.0)
+    log: list[str] = []
+    cases, unannotated = find_cases(root, labels, log=log.append)
+    assert _seen_by_training(cases) == _seen_by_inference(root)
+    by_id = {c.case_id: c for c in cases}
+    assert sorted(by_id) == ["sub-01_acq-highres", "sub-02_acq-fast", "sub-02_acq-fastUNIT1", "sub-03"]
+    assert unannotated == []
+    assert by_id["sub-01_acq-highres"].sequence == "MP2RAGE"
+    assert by_id["sub-01_acq-highres"].inv2.name == "sub-01_inv-2_part-mag_MP2RAGE.nii.gz"
+    assert by_id["sub-02_acq-fastUNIT1"].image.name == "sub-02_acq-fast_UNIT1.nii.gz"
+    assert by_id["sub-03"].inv2.name == "sub-03_inv-2_part-mag_MP2RAGE.nii.gz"
+    assert [line for line in log if "sub-04_T1w.nii.gz" in line] == [
+        "warning: skipped: sub-04_T1w.nii.gz is an empty (0-byte) file"]
+    assert any("1 manual mask(s) match no image" in line and "sub-01_run-1" in line for line in log)
+    # --sequence selects by discovery's sequence, evidence included
+    mp2rage = find_cases(root, labels, sequences=["MP2RAGE"], log=lambda _m: None)[0]
+    assert [c.case_id for c in mp2rage] == ["sub-01_acq-highres", "sub-02_acq-fastUNIT1", "sub-03"]
+
+
+def test_no_usable_image_is_one_error_with_discoverys_code(tmp_path: Path) -> None:
+    root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": {"__empty__": True}})
+    write_nifti(tmp_path / "masks" / "sub-01_label-CL_mask.nii.gz", value=0.0)
+    with pytest.raises(BidsClError) as err:
+        find_cases(root, tmp_path / "masks", log=lambda _m: None)
+    assert err.value.code == EXIT_BAD_DATA
+    assert "sub-01_T1w.nii.gz is an empty (0-byte) file" in err.value.message
 
 
 def test_convert_strips_zeroes_background_and_reorients(tiny: tuple[Path, Path], tmp_path: Path) -> None:
@@ -250,7 +324,6 @@ def test_train_end_to_end_then_fine_tune(tiny: tuple[Path, Path], tmp_path: Path
 @pytest.mark.slow
 def test_convert_uses_the_workflow_skull_strip(tmp_path: Path) -> None:
     """Default conversion = the participant workflow's skull stripping (bids_cl.preproc), not the truth."""
-    pytest.importorskip("bids_cl.preproc")
     from bids_cl.synth.generate import generate_dataset
 
     root = generate_dataset(tmp_path / "ph", participants=1, seed=3, size="tiny", sequence="mp2rage",

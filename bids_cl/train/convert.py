@@ -1,6 +1,8 @@
 """BIDS dataset + manual CL masks -> nnU-Net v2 raw dataset (one channel ``T1w``, labels background/CL).
 
-Every training image goes through the same steps the participant workflow applies before the engine sees
+The images are the targets ``bids_cl participant`` finds (``bids_cl.utils.bids.discover``), with the
+prefix, sequence and INV2 it gives them; each is paired with the manual mask of the same prefix. Every
+training image goes through the same steps the participant workflow applies before the engine sees
 it: skull stripping (``bids_cl.preproc.skull_strip``, or a shortcut, see ``SKULL_STRIP_SHORTCUTS``), zeroing
 of the background, then the engine's reorientation to the closest canonical (RAS) grid. A model trained on
 these files therefore sees at inference exactly the kind of array it was trained on.
@@ -12,8 +14,7 @@ modules of a folder as top-level modules, where relative imports fail.
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,15 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from bids_cl.errors import EXIT_BAD_DATA, EXIT_MISSING_INPUT, EXIT_NO_DATA_SELECTED, BidsClError
+from bids_cl.errors import (
+    EXIT_BAD_DATA,
+    EXIT_FAILURE,
+    EXIT_MISSING_INPUT,
+    EXIT_NO_DATA_SELECTED,
+    BidsClError,
+)
+from bids_cl.preproc import STRATEGIES, skull_strip
+from bids_cl.utils.bids import WorkItem, discover, make_layout, strip_prefix
 
 CHANNEL_NAME = "T1w"
 LABELS = {"background": 0, "CL": 1}
@@ -32,10 +41,6 @@ FILE_ENDING = ".nii.gz"
 #               folder. A training shortcut: it is not what the participant workflow does.
 #   none:       the images are already skull stripped (background exactly 0).
 SKULL_STRIP_SHORTCUTS = ("truth-mask", "none")
-# Used only when bids_cl.preproc cannot be imported (its own list is ``bids_cl.preproc.STRATEGIES``).
-FALLBACK_PREPROC_STRATEGIES = ("auto", "synthstrip", "deepbet", "inv2", "ants")
-
-_TARGET_RE = re.compile(r"^(?P<prefix>sub-[^_]+(?:_[a-zA-Z0-9]+-[^_]+)*)_(?P<suffix>UNIT1|T1w)\.nii(\.gz)?$")
 
 
 @dataclass
@@ -57,70 +62,50 @@ class TrainingCase:
 
 
 def preproc_strategies() -> tuple[str, ...]:
-    """The ``--skull-strip`` choices: bids_cl.preproc's strategies (when it lists them) plus the shortcuts."""
-    try:
-        from bids_cl import preproc
-    except Exception:  # noqa: BLE001  (a broken optional dependency must not break --help)
-        return FALLBACK_PREPROC_STRATEGIES + SKULL_STRIP_SHORTCUTS
-    listed = tuple(getattr(preproc, "STRATEGIES", ()) or FALLBACK_PREPROC_STRATEGIES)
-    return tuple(dict.fromkeys(listed + SKULL_STRIP_SHORTCUTS))
+    """The ``--skull-strip`` choices: the participant workflow's strategies plus the training shortcuts."""
+    return tuple(dict.fromkeys(STRATEGIES + SKULL_STRIP_SHORTCUTS))
 
 
-def _entities(prefix: str) -> dict[str, str]:
-    return dict(part.split("-", 1) for part in prefix.split("_"))
+def usable_targets(items: Sequence[WorkItem], log: Callable[[str], None]) -> list[WorkItem]:
+    """The targets discovery found usable; one warning line for each target or participant it could not use.
 
-
-def _sequence_of(prefix: str, suffix: str, sidecar: Path) -> str:
-    """MP2RAGE when the file says so (suffix UNIT1, acq-UNI*/acq-*mp2rage*, sidecar), else MPRAGE."""
-    if suffix == "UNIT1":
-        return "MP2RAGE"
-    acq = _entities(prefix).get("acq", "").lower()
-    if acq.startswith("uni") or "mp2rage" in acq:
-        return "MP2RAGE"
-    if sidecar.is_file():
-        try:
-            meta = json.loads(sidecar.read_text())
-        except (OSError, ValueError):
-            meta = {}
-        if "MP2RAGE" in str(meta.get("PulseSequenceType", "")).upper():
-            return "MP2RAGE"
-    return "MPRAGE"
-
-
-def _find_inv2(image: Path, prefix: str) -> Path | None:
-    """The INV2 magnitude of an MP2RAGE target (same entities, or the same without ``acq-``)."""
-    candidates = [prefix, re.sub(r"_acq-[^_]+", "", prefix)]
-    for cand in dict.fromkeys(candidates):
-        hits = sorted(image.parent.glob(f"{cand}_inv-2*_MP2RAGE.nii*"))
-        mags = [h for h in hits if "part-phase" not in h.name]
-        if mags:
-            return mags[0]
-    return None
+    The only reader of discovery's ``problem``/``problem_code`` fields here. Raises discovery's own code
+    (as ``bids_cl participant`` does) when nothing at all is usable.
+    """
+    usable = [item for item in items if item.problem is None]
+    problems = [item for item in items if item.problem is not None]
+    for item in problems:
+        log(f"warning: skipped: {item.problem}")
+    if not usable:
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise BidsClError(f"no usable image: {first.problem}{more}", first.problem_code or EXIT_FAILURE)
+    return usable
 
 
 def _index_by_name(folder: Path, pattern: str) -> dict[str, Path]:
     return {p.name: p for p in sorted(folder.rglob(pattern))}
 
 
-def _dedupe_prefixes(targets: list[tuple[Path, str, str]]) -> list[tuple[Path, str, str]]:
-    """Contract rule: a UNIT1 sharing its prefix with a T1w gets ``acq-UNIT1`` inserted (after ses-)."""
-    seen: dict[str, int] = {}
-    for _path, prefix, _suffix in targets:
-        seen[prefix] = seen.get(prefix, 0) + 1
-    out = []
-    for path, prefix, suffix in targets:
-        if seen[prefix] > 1 and suffix == "UNIT1":
-            parts = prefix.split("_")
-            at = 2 if len(parts) > 1 and parts[1].startswith("ses-") else 1
-            prefix = "_".join(parts[:at] + ["acq-UNIT1"] + parts[at:])
-        out.append((path, prefix, suffix))
-    return out
+def _by_prefix(index: dict[str, Path], prefix: str, what: str) -> Path | None:
+    return index.get(f"{prefix}_{what}.nii.gz") or index.get(f"{prefix}_{what}.nii")
+
+
+def _mask_prefix(name: str) -> str:
+    return name.split("_label-CL_mask.nii")[0]
 
 
 def find_cases(bids_dir: Path, labels_dir: Path, *,
                participants: Sequence[str] | None = None,
-               sequences: Sequence[str] | None = None) -> tuple[list[TrainingCase], list[str]]:
-    """Pair each ``*_UNIT1``/``*_T1w`` image with ``<prefix>_label-CL_mask`` found in ``labels_dir``.
+               sequences: Sequence[str] | None = None,
+               log: Callable[[str], None] = print) -> tuple[list[TrainingCase], list[str]]:
+    """Pair each target that ``bids_cl participant`` would segment with ``<prefix>_label-CL_mask``.
+
+    The targets come from bids_cl's own discovery (``bids_cl.utils.bids.discover``: its pybids queries,
+    MP2RAGE evidence, prefix de-duplication and INV2 pairing), so a case is named, typed and skull
+    stripped as inference will treat that image. Masks are looked up by the target's prefix anywhere
+    under ``labels_dir``. Targets discovery cannot use are skipped with a warning (``log``), and so are
+    reported masks whose prefix names no target.
 
     Returns the cases and the prefixes of images that have no manual mask (skipped: an image without a
     mask is *unannotated*, not lesion-free; lesion-free images need an empty mask file).
@@ -130,35 +115,32 @@ def find_cases(bids_dir: Path, labels_dir: Path, *,
         raise BidsClError(f"BIDS dataset not found: {bids_dir}", EXIT_MISSING_INPUT)
     if not labels_dir.is_dir():
         raise BidsClError(f"labels folder not found: {labels_dir}", EXIT_MISSING_INPUT)
-    wanted = {p.removeprefix("sub-") for p in participants} if participants else None
-
-    targets = []
-    for path in sorted(bids_dir.glob("sub-*/**/anat/*.nii*")):
-        match = _TARGET_RE.match(path.name)
-        if match and not path.is_relative_to(bids_dir / "derivatives"):
-            targets.append((path, match["prefix"], match["suffix"]))
-    targets = _dedupe_prefixes(targets)
+    items = discover(make_layout(bids_dir), participant_label=strip_prefix(list(participants or []), "sub-"))
+    targets = usable_targets(items, log)
 
     labels = _index_by_name(labels_dir, "*_label-CL_mask.nii*")
     brains = _index_by_name(labels_dir, "*_desc-brain_mask.nii*")
     cases, unannotated = [], []
-    for path, prefix, suffix in targets:
-        ents = _entities(prefix)
-        if wanted is not None and ents["sub"] not in wanted:
+    for item in targets:
+        if sequences and item.sequence not in sequences:
             continue
-        sidecar = path.with_name(path.name.split(".nii")[0] + ".json")
-        sequence = _sequence_of(prefix, suffix, sidecar)
-        if sequences and sequence not in sequences:
-            continue
-        label = labels.get(f"{prefix}_label-CL_mask.nii.gz") or labels.get(f"{prefix}_label-CL_mask.nii")
+        label = _by_prefix(labels, item.prefix, "label-CL_mask")
         if label is None:
-            unannotated.append(prefix)
+            unannotated.append(item.prefix)
             continue
-        brain = brains.get(f"{prefix}_desc-brain_mask.nii.gz") or brains.get(f"{prefix}_desc-brain_mask.nii")
         cases.append(TrainingCase(
-            case_id=prefix, participant=ents["sub"], session=ents.get("ses"), image=path, label=label,
-            sequence=sequence, inv2=_find_inv2(path, prefix) if sequence == "MP2RAGE" else None,
-            brain_mask=brain))
+            case_id=item.prefix, participant=item.participant, session=item.session, image=Path(item.target),
+            label=label, sequence=item.sequence, inv2=Path(item.inv2) if item.inv2 else None,
+            brain_mask=_by_prefix(brains, item.prefix, "desc-brain_mask")))
+
+    # A mask named after no target (a typo, or a prefix guessed differently from bids_cl's) is never used.
+    selected = {item.participant for item in items}
+    known = {item.prefix for item in items}
+    orphans = sorted(prefix for prefix in map(_mask_prefix, labels) if prefix not in known
+                     and prefix.split("_")[0].removeprefix("sub-") in selected)
+    if orphans:
+        log(f"warning: {len(orphans)} manual mask(s) match no image bids_cl would segment (by prefix): "
+            + ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""))
     if not cases:
         raise BidsClError(f"no image in {bids_dir} has a <prefix>_label-CL_mask.nii.gz in {labels_dir}",
                           EXIT_NO_DATA_SELECTED)
@@ -176,11 +158,6 @@ def _skull_strip(case: TrainingCase, img: nib.Nifti1Image, strategy: str, *, nth
         return mask, "truth-mask", []
     if strategy == "none":
         return np.asarray(img.dataobj) != 0, "none", []
-    try:
-        from bids_cl.preproc import skull_strip
-    except ImportError as exc:
-        raise BidsClError(f"--skull-strip {strategy} needs bids_cl.preproc ({exc}); use truth-mask or none",
-                          EXIT_MISSING_INPUT) from exc
     inv2 = nib.load(str(case.inv2)) if case.inv2 is not None else None
     res = skull_strip(img, strategy=strategy, inv2_img=inv2, synthstrip_model=synthstrip_model,
                       nthreads=nthreads, is_mp2rage=case.sequence == "MP2RAGE")
