@@ -37,6 +37,7 @@ from bids_cl.engine import CLSegmenter
 from bids_cl.engine import orientation as orient
 from bids_cl.engine import predictor as pred
 from bids_cl.engine import testing as T
+from bids_cl.engine.device import resolve_device
 from bids_cl.engine.models import load_model
 
 NETWORKS = {
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="background logit bias of random weights (lower: more lesion voxels)")
     args = parser.parse_args(argv)
 
-    device = pred._torch_device(args.device)
+    device = resolve_device(args.device)
     threads = args.threads or len(os.sched_getaffinity(0))
     args.threads = threads
     torch.set_num_threads(threads)

@@ -19,6 +19,7 @@ from bids_cl.engine import (
     registry,
     resolve_model,
     segment,
+    store,
     verify_lock_file,
     write_lock_file,
 )
@@ -71,13 +72,15 @@ def test_load_folder_zip_and_layouts(model_dir: Path, model_zip: Path, home: Pat
     model = load_model(model_dir)
     assert model.available_folds == [0, 1] and model.orientation == "RAS"
     prov = model.provenance
-    assert prov["trust"] == "explicit" and prov["warning"] == "synthetic" and prov["folds"] == [0, 1]
+    assert prov["trust"] == "unverified source" and prov["warning"] == "synthetic" and prov["folds"] == [0, 1]
     assert prov["dataset"] == T.DATASET_NAME and prov["plans"] == "nnUNetPlans"
     assert prov["files"]["plans.json"] == hashlib.sha256((model_dir / "plans.json").read_bytes()).hexdigest()
 
     zipped = load_model(model_zip)  # export-zip layout: <dataset>/<trainer>__<plans>__<config>/
     assert zipped.model_dir.name == "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    assert zipped.resolved.trust == "lock" and (home / "models" / "_archives").is_dir()
+    # No lock came with the zip: locked by bids_cl only after every checkpoint loaded safely.
+    assert zipped.resolved.trust == "unverified source" and (home / "models" / "_archives").is_dir()
+    assert zipped.provenance["source"]["origin"] == "unverified source"
     assert load_model(model_zip).model_dir == zipped.model_dir  # unpacked once, reused
     shape = (24, 26, 22)
     img = T.phantom(shape, T.centred_affine(shape), brain_radii=(10, 11, 9), blobs=[((1, 1, 1), 1.5)])
@@ -212,7 +215,7 @@ def test_install_checksum_mismatch_and_choice(zenodo: type[_FakeZenodo], home: P
     assert not (home / "models" / registry.PUBLISHED_MODEL).exists()
     zenodo.record["files"][0]["key"] = "other.zip"
     with pytest.raises(BidsClError) as err:
-        registry.install_from_zenodo(registry.PUBLISHED_MODEL, progress=False)
+        store.install_from_zenodo(registry.PUBLISHED_MODEL, progress=False)
     assert "several zip files" in str(err.value)
 
 
@@ -220,7 +223,7 @@ def test_install_from_file_and_list(model_zip: Path, home: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["install", registry.PUBLISHED_MODEL, "--from-file", str(model_zip)]) == 0
     assert cli.main(["install", "mymodel", "--from-file", str(model_zip)]) == 0
-    assert load_model("mymodel").provenance["trust"] == "lock"
+    assert load_model("mymodel").provenance["trust"] == "unverified source"  # a zip without a lock
     capsys.readouterr()
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out

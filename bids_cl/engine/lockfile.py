@@ -1,9 +1,9 @@
 """Lock files: the SHA-256 of every file of a model folder.
 
-nnU-Net checkpoints are pickles (``torch.load(weights_only=False)`` can run code), so bids_cl loads a
-model by name only when its folder carries a lock file whose hashes still match. The lock is written
-when the model is installed (or when the demo model is built) and checked on every load and by
-``bids_cl-models verify``.
+A lock records what was installed, so that a changed or added file is noticed before it is read. It is
+no licence to unpickle: checkpoints are always read with ``weights_only=True`` and an allow-list
+(``bids_cl.engine.checkpoints``). The lock is written when a model is installed (or built by
+``bids_cl-train``) and checked on every load and by ``bids_cl-models verify``.
 """
 
 from __future__ import annotations
@@ -22,13 +22,18 @@ _CHUNK = 1 << 20
 _IGNORED = {".DS_Store", "Thumbs.db"}
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks (checkpoints are hundreds of MB)."""
-    digest = hashlib.sha256()
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks (checkpoints are hundreds of MB)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file (what lock files record)."""
+    return file_digest(path, "sha256")
 
 
 def _model_files(model_dir: Path) -> list[str]:

@@ -1,104 +1,47 @@
-"""Find, trust-check and load nnU-Net v2 trained-model folders.
+"""Model loading: resolve a name, folder or zip to a checked model, and load it as a ``CLModel``.
 
-A model is an nnU-Net v2 results folder: ``dataset.json``, ``plans.json`` and
-``fold_<k>/checkpoint_final.pth`` (or ``checkpoint_best.pth``), possibly nested inside the layout of
-``nnUNetv2_export_model_to_zip`` (``Dataset301_X/<trainer>__<plans>__<configuration>/...``), plus an
-optional ``bids_cl_model.json``::
+What a model folder looks like is ``bids_cl.engine.store_layout``; which names exist and where they live
+is ``bids_cl.engine.registry``; unpacking, checking and installing is ``bids_cl.engine.store``.
 
-    {"name": ..., "description": ..., "warning": ..., "orientation": "RAS",
-     "trainer_module": "trainers/"   # folder with custom trainer classes, relative to the model folder
-     "configuration": "3d_fullres"}  # which configuration to use when the folder holds several
-
-Trust: checkpoints are pickles. A model given by *name* (registry or installed) is loaded only when its
-lock file verifies; a *path* the user names explicitly is loaded as given, but a lock file found there must
-still verify (a tampered folder is refused either way).
+Trust: checkpoints are pickles, and are always read with ``weights_only=True`` and an allow-list
+(``bids_cl.engine.checkpoints``), whatever their origin. On top of that, a model given by *name*
+(registry or installed) is loaded only when its lock file verifies; a *path* the user names (folder or
+zip) is loaded as given, but a lock file found there must still verify (a tampered folder is refused
+either way). A model without a lock of its own has the trust ``"unverified source"``. Full unpickling
+happens only for an installed model the user installed with ``--allow-unsafe-unpickling``.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bids_cl.engine import registry
-from bids_cl.engine.lockfile import LOCK_NAME, read_lock_file, sha256_file, verify_lock_file
+from bids_cl.engine import registry, store
+from bids_cl.engine.checkpoints import load_checkpoint
+from bids_cl.engine.lockfile import LOCK_NAME, read_lock_file, sha256_file
+from bids_cl.engine.store_layout import (
+    CHECKPOINT_NAMES,
+    MODEL_JSON,
+    find_model_folder,
+    find_upwards,
+    fold_checkpoints,
+    locks_between,
+)
 from bids_cl.errors import EXIT_BAD_DATA, EXIT_MISSING_INPUT, EXIT_USAGE, BidsClError
 
 log = logging.getLogger("bids_cl.engine")
 
-MODEL_JSON = "bids_cl_model.json"
-CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
+__all__ = ["CHECKPOINT_NAMES", "MODEL_JSON", "CLModel", "ResolvedModel", "find_model_folder",
+           "fold_checkpoints", "load_model", "resolve_model"]
+
 DEFAULT_ORIENTATION = "RAS"
 # Readers that reorient to RAS themselves: the network was trained on RAS voxel order whatever the files.
 _REORIENTING_READERS = {"NibabelIOWithReorient", "SimpleITKIOWithReorient"}
-_MAX_SEARCH_DEPTH = 4
-
-
-# ---------------------------------------------------------------- folder discovery
-
-def fold_checkpoints(model_dir: Path) -> dict[int | str, Path]:
-    """``{fold: checkpoint}`` for every ``fold_*`` with a final (preferred) or best checkpoint."""
-    found: dict[int | str, Path] = {}
-    for sub in sorted(Path(model_dir).glob("fold_*")):
-        if not sub.is_dir():
-            continue
-        label = sub.name[len("fold_"):]
-        fold: int | str = int(label) if label.isdigit() else label
-        for name in CHECKPOINT_NAMES:
-            if (sub / name).is_file():
-                found[fold] = sub / name
-                break
-    return dict(sorted(found.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0]).zfill(4))))
-
-
-def _find_upwards(start: Path, root: Path, filename: str) -> Path | None:
-    """``filename`` in ``start`` or its parents, never above ``root``."""
-    current = start.resolve()
-    root = root.resolve()
-    while True:
-        if (current / filename).is_file():
-            return current / filename
-        if current == root or root not in current.parents:
-            return None
-        current = current.parent
-
-
-def find_model_folder(root: Path, configuration: str | None = None) -> Path:
-    """The folder under ``root`` that holds ``fold_*`` checkpoints (``root`` itself included).
-
-    With several candidates (an export zip with 2d and 3d configurations) the one whose name ends in
-    ``__<configuration>`` wins, ``3d_fullres`` by default.
-    """
-    root = Path(root)
-    candidates = []
-    for current, dirs, _files in os.walk(root):
-        depth = len(Path(current).relative_to(root).parts)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and depth < _MAX_SEARCH_DEPTH)
-        if fold_checkpoints(Path(current)):
-            candidates.append(Path(current))
-            dirs[:] = []  # fold folders are not models themselves
-    if not candidates:
-        raise BidsClError(f"no nnU-Net model in {root}: expected fold_<k>/checkpoint_final.pth "
-                          "(or checkpoint_best.pth) with plans.json and dataset.json", EXIT_BAD_DATA)
-    if len(candidates) > 1:
-        wanted = configuration or "3d_fullres"
-        chosen = [c for c in candidates if c.name.endswith(f"__{wanted}") or c.name == wanted]
-        if len(chosen) != 1:
-            raise BidsClError(f"{root} holds several models ({', '.join(str(c) for c in candidates)}); "
-                              "name the one to use (its folder)", EXIT_BAD_DATA)
-        candidates = chosen
-    model_dir = candidates[0]
-    for needed in ("plans.json", "dataset.json"):
-        if _find_upwards(model_dir, root, needed) is None:
-            raise BidsClError(f"model folder {model_dir} has no {needed}", EXIT_BAD_DATA)
-    return model_dir
 
 
 # ---------------------------------------------------------------- resolution and trust
@@ -110,54 +53,14 @@ class ResolvedModel:
     name: str
     root: Path             # the folder given or installed (plans/dataset are searched up to here)
     model_dir: Path        # the folder with fold_* (root or below)
-    trust: str             # "lock" (verified lock file) or "explicit" (a path the user named, no lock)
+    trust: str             # "lock" (a lock of known origin verified) or "unverified source"
     lock_dir: Path | None  # the folder holding the verified lock file
+    # Only for an installed model the user allowed with 'bids_cl-models install --allow-unsafe-unpickling'.
+    allow_code_execution: bool = False
 
 
-_TEMP_DIRS: list[str] = []
-
-
-def _cleanup_temp_dirs() -> None:
-    for path in _TEMP_DIRS:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-atexit.register(_cleanup_temp_dirs)
-
-
-def _unpack_archive(archive: Path) -> Path:
-    """Unpack a user's zip once into ``$BIDS_CL_HOME/models/_archives/<sha256>`` (locked there)."""
-    from bids_cl.engine.lockfile import write_lock_file
-
-    digest = registry.file_digest(archive)
-    cache = registry.models_home() / "_archives" / digest[:16]
-    if (cache / LOCK_NAME).is_file():
-        return cache
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".unpack.", dir=cache.parent))
-    except OSError:
-        # Read-only home (container): unpack for this process only.
-        staging = Path(tempfile.mkdtemp(prefix="bids_cl_model."))
-        _TEMP_DIRS.append(str(staging))
-        cache = staging
-    registry.safe_extract_zip(archive, staging)
-    write_lock_file(staging, source={"archive": archive.name, "archive_sha256": digest})
-    if staging != cache:
-        try:
-            os.replace(staging, cache)
-        except OSError:  # another process unpacked the same archive first
-            shutil.rmtree(staging, ignore_errors=True)
-    return cache
-
-
-def _verified(root: Path, what: str) -> None:
-    problems = verify_lock_file(root)
-    if problems:
-        shown = "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
-        raise BidsClError(f"refusing to load {what}: its files do not match the lock file ({shown}). "
-                          "Reinstall the model (checkpoints are pickles and are only loaded when intact).",
-                          EXIT_BAD_DATA)
+def _trust(lock_dir: Path | None) -> str:
+    return store.UNVERIFIED if store.origin_of(lock_dir) == store.UNVERIFIED else "lock"
 
 
 def resolve_model(name_or_path: str | os.PathLike[str], *, configuration: str | None = None
@@ -176,41 +79,48 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, configuration: str | 
                 f"{registry.install_command(registry.PUBLISHED_MODEL)}; "
                 "or pass --model demo to try bids_cl on phantoms", EXIT_MISSING_INPUT)
         text = registry.PUBLISHED_MODEL
-    is_name = text in registry.REGISTRY or (
+    spec = registry.REGISTRY.get(text)
+    if spec is not None and spec.kind != "segmentation":
+        raise BidsClError(f"'{text}' ({spec.description}) is not a segmentation model", EXIT_USAGE)
+    is_name = spec is not None or (
         os.sep not in text and "/" not in text and not text.endswith(".zip")
         and (registry.models_home() / text).is_dir())
     if is_name:
         root = registry.installed_model_dir(text)
         if not (root / LOCK_NAME).is_file():
-            if root.is_dir() and text in registry.REGISTRY and registry.REGISTRY[text].packaged:
+            if root.is_dir() and spec is not None and spec.packaged:
                 raise BidsClError(f"the packaged model '{text}' in {root} has no lock file; "
                                   f"{registry.install_command(text)}", EXIT_MISSING_INPUT)
             raise BidsClError(f"model '{text}' is not installed. Install it with: "
                               f"{registry.install_command(text)}", EXIT_MISSING_INPUT)
-        _verified(root, f"model '{text}'")
-        return ResolvedModel(text, root, find_model_folder(root, configuration), "lock", root)
+        store.verified(root, f"model '{text}'")
+        unsafe = (not (spec is not None and spec.packaged)
+                  and store.lock_source(root).get(store.UNSAFE_KEY) is True)
+        return ResolvedModel(text, root, find_model_folder(root, configuration), _trust(root), root,
+                             allow_code_execution=unsafe)
 
     path = Path(text).expanduser()
     if not path.exists():
-        known = ", ".join(registry.REGISTRY)
+        known = ", ".join(n for n, s in registry.REGISTRY.items() if s.kind == "segmentation")
         raise BidsClError(f"model '{text}' is neither a known model ({known}), an installed model, "
                           "nor an existing folder or zip", EXIT_MISSING_INPUT)
     if path.is_file():
         if not path.name.lower().endswith(".zip"):
             raise BidsClError(f"{path} is a file but not a zip archive of an nnU-Net model",
                               EXIT_BAD_DATA)
-        root = _unpack_archive(path.resolve())
-        _verified(root, f"the model unpacked from {path}")
-        return ResolvedModel(path.stem, root, find_model_folder(root, configuration), "lock", root)
+        root = store.unpack_archive(path.resolve())
+        store.verified(root, f"the model unpacked from {path}")
+        return ResolvedModel(path.stem, root, find_model_folder(root, configuration), _trust(root), root)
     root = path.resolve()
     model_dir = find_model_folder(root, configuration)
-    lock_dir = next((d for d in (root, model_dir) if (d / LOCK_NAME).is_file()), None)
-    if lock_dir is not None:
-        _verified(lock_dir, f"the model in {lock_dir}")
-        return ResolvedModel(root.name, root, model_dir, "lock", lock_dir)
-    log.warning("model %s has no lock file: loading it because its path was given explicitly "
-                "(checkpoints are pickles: only use model files you trust)", root)
-    return ResolvedModel(root.name, root, model_dir, "explicit", None)
+    locks = locks_between(root, model_dir, LOCK_NAME)
+    for folder in locks:
+        store.verified(folder, f"the model in {folder}")
+    if locks:
+        return ResolvedModel(root.name, root, model_dir, _trust(locks[0]), locks[0])
+    log.warning("model %s has no lock file (unverified source): its checkpoints are read with the "
+                "safe loader only", root)
+    return ResolvedModel(root.name, root, model_dir, store.UNVERIFIED, None)
 
 
 # ---------------------------------------------------------------- the model
@@ -222,25 +132,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise BidsClError(f"cannot read {path}: {exc}", EXIT_BAD_DATA) from exc
 
 
-def _load_checkpoint(path: Path, trusted: bool) -> dict[str, Any]:
-    """Load a checkpoint, preferring torch's safe (weights-only) unpickler."""
-    import pickle
-
-    import torch
-
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):
-        # nnU-Net checkpoints usually hold objects (torch.device, numpy scalars in the training log)
-        # that the safe unpickler rejects; full unpickling is allowed only for trusted models.
-        if not trusted:
-            raise
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as exc:  # a corrupt checkpoint can raise almost anything from unpickling
-        raise BidsClError(f"cannot load checkpoint {path}: {exc}", EXIT_BAD_DATA) from exc
-
-
 class CLModel:
     """A loaded-on-demand nnU-Net model plus its bids_cl settings and provenance."""
 
@@ -248,10 +139,10 @@ class CLModel:
         self.resolved = resolved
         self.model_dir = resolved.model_dir
         root = resolved.root
-        self.plans = _read_json(_find_upwards(self.model_dir, root, "plans.json"))  # type: ignore[arg-type]
+        self.plans = _read_json(find_upwards(self.model_dir, root, "plans.json"))  # type: ignore[arg-type]
         self.dataset_json = _read_json(
-            _find_upwards(self.model_dir, root, "dataset.json"))  # type: ignore[arg-type]
-        settings_path = _find_upwards(self.model_dir, root, MODEL_JSON)
+            find_upwards(self.model_dir, root, "dataset.json"))  # type: ignore[arg-type]
+        settings_path = find_upwards(self.model_dir, root, MODEL_JSON)
         self.settings: dict[str, Any] = _read_json(settings_path) if settings_path else {}
         self.settings_dir = settings_path.parent if settings_path else self.model_dir
         self.checkpoint_files = fold_checkpoints(self.model_dir)
@@ -341,7 +232,9 @@ class CLModel:
             raise BidsClError(f"model {self.name} has no fold {fold!r} (available: "
                               f"{self.available_folds})", EXIT_USAGE)
         if fold not in self._checkpoints:
-            self._checkpoints[fold] = _load_checkpoint(self.checkpoint_files[fold], trusted=True)
+            self._checkpoints[fold] = load_checkpoint(
+                self.checkpoint_files[fold], allow_code_execution=self.resolved.allow_code_execution,
+                what=f"fold {fold} checkpoint of model {self.resolved.name}")
         return self._checkpoints[fold]
 
     def parameters(self, folds: list[int | str]) -> list[dict[str, Any]]:
@@ -397,7 +290,7 @@ class CLModel:
         """SHA-256 of plans, dataset, settings and checkpoints (from the verified lock when present)."""
         root = self.resolved.lock_dir or self.resolved.root
         lock = read_lock_file(root) if self.resolved.lock_dir else None
-        wanted = [_find_upwards(self.model_dir, root, n) for n in ("plans.json", "dataset.json", MODEL_JSON)]
+        wanted = [find_upwards(self.model_dir, root, n) for n in ("plans.json", "dataset.json", MODEL_JSON)]
         wanted += list(self.checkpoint_files.values())
         hashes = {}
         for path in wanted:
@@ -426,7 +319,7 @@ class CLModel:
         except PackageNotFoundError:
             nnunet_version = None
         spec = registry.REGISTRY.get(self.resolved.name)
-        source = registry.lock_source(self.resolved.lock_dir) if self.resolved.lock_dir else {}
+        source = store.lock_source(self.resolved.lock_dir) if self.resolved.lock_dir else {}
         config = self.plans["configurations"][self.configuration_name]
         reader = self.image_reader_writer
         doi = self.settings.get("doi") or source.get("doi") or (spec.doi if spec else None)

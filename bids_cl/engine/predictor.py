@@ -339,14 +339,6 @@ def _cpu_worker_memory_budget() -> float:
     return min(4 * 1024 ** 3, mem_mb * 1024 ** 2 / 4)
 
 
-def _torch_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
-
-
 def make_predictor(model: Any, *, device: torch.device, tta: bool, fast: bool = True,
                    tile_step_size: float = 0.5, compile_network: bool = False,
                    tile_batch_size: int | None = None, precision: str | None = None

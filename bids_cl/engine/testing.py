@@ -261,6 +261,45 @@ def export_zip(model_dir: str | Path, zip_path: str | Path, *, dataset_name: str
     return zip_path
 
 
+# ---------------------------------------------------------------- SynthStrip
+
+def write_synthstrip_checkpoint(path: str | Path, *, seed: int = 0,
+                                intensity_threshold: float | None = None) -> Path:
+    """A SynthStrip checkpoint as FreeSurfer ships ``synthstrip.1.pt``: ``{"model_state_dict": ...}`` of
+    nipreps-synthstrip's ``StripModel`` (what its loader reads), with seeded random weights.
+
+    FreeSurfer's weights may not be redistributed, so tests and container smoke checks use this file.
+    ``intensity_threshold``: overwrite the first encoder level and the last full-resolution layers so that
+    the network's output (the signed distance to the brain surface, mm) is ``10 * (threshold - x)``, ``x``
+    being the scaled input intensity (0..1): the first encoder level passes ``x`` on in its channel 0, which
+    reaches the last layers through the top skip connection. Tissue brighter than the threshold is then
+    "inside", which gives a real mask on a phantom instead of noise.
+    """
+    import torch
+    from nipreps.synthstrip.model import StripModel
+
+    torch.manual_seed(seed)
+    model = StripModel()
+    if intensity_threshold is not None:
+        enc_a, enc_b = (block.conv for block in model.encoder[0])
+        first, second, last = (block.conv for block in model.remaining)
+        skip = first.in_channels - enc_b.out_channels  # where the top skip connection starts
+        with torch.no_grad():
+            for conv in (enc_a, enc_b, first, second, last):
+                conv.weight.zero_()
+                conv.bias.zero_()
+            enc_a.weight[0, 0, 1, 1, 1] = 1.0  # leaky ReLU leaves x >= 0 unchanged
+            enc_b.weight[0, 0, 1, 1, 1] = 1.0
+            first.weight[0, skip, 1, 1, 1] = 1.0
+            second.weight[0, 0, 1, 1, 1] = 1.0
+            last.weight[0, 0, 1, 1, 1] = -10.0
+            last.bias[0] = 10.0 * float(intensity_threshold)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_state_dict": model.state_dict()}, path)
+    return path
+
+
 # ---------------------------------------------------------------- phantoms
 
 def phantom(shape: Sequence[int], affine: np.ndarray, *, brain_centre: Sequence[float] = (0, 0, 0),

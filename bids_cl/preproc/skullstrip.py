@@ -1,16 +1,18 @@
 """Skull stripping: a brain mask and a brain image (background exactly 0) on the input grid.
 
-The published model was trained on SynthStrip-stripped images, so SynthStrip is preferred whenever the user
-provides its weights (FreeSurfer's licence does not let us ship them). Without them we use deepbet (weights
-bundled, offline, ~2 s on a CPU) and say so in ``warnings``: its masks differ from SynthStrip's, which is
-a domain shift for the segmentation model. For MP2RAGE the mask is computed on INV2, whose background is
+The published model was trained on SynthStrip-stripped images, so SynthStrip is preferred whenever its
+weights are found (FreeSurfer's licence does not let us ship them): ``--synthstrip-model``, else the copy
+installed by ``bids_cl-models install synthstrip`` (hash-locked in ``$BIDS_CL_HOME/models/synthstrip``),
+else ``$FREESURFER_HOME/models/synthstrip.1.pt``. The weights are read with the safe loader
+(``weights_only=True``), never fully unpickled. Without them we use deepbet (weights bundled, offline, ~2 s
+on a CPU) and say so in ``warnings``: its masks differ from SynthStrip's, which is a domain shift for the
+segmentation model. For MP2RAGE the mask is computed on INV2, whose background is
 plain noise-free air, and applied to the UNI, whose salt-and-pepper background confuses most tools.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -22,15 +24,20 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from bids_cl.engine import registry, store
+from bids_cl.engine.checkpoints import load_checkpoint
+from bids_cl.engine.device import resolve_device
+from bids_cl.engine.lockfile import read_lock_file, sha256_file
 from bids_cl.errors import EXIT_BAD_DATA, EXIT_MISSING_INPUT, EXIT_USAGE, BidsClError
 from bids_cl.preproc._images import clean_mask, like, load_3d, same_grid, voxel_volume_ml
 
 STRATEGIES = ("auto", "synthstrip", "deepbet", "inv2", "ants", "none")
-SYNTHSTRIP_WEIGHTS = "synthstrip.1.pt"
+SYNTHSTRIP_WEIGHTS = registry.SYNTHSTRIP_WEIGHTS
 DOMAIN_SHIFT_WARNING = (
     "skull stripping with {what} differs from the paper's SynthStrip preprocessing (domain shift): "
-    "provide SynthStrip weights (--synthstrip-model or $FREESURFER_HOME/models/synthstrip.1.pt) "
-    "for results closest to the published model"
+    "install SynthStrip's weights (bids_cl-models install synthstrip --from-file synthstrip.1.pt; or "
+    "--synthstrip-model, or $FREESURFER_HOME/models/synthstrip.1.pt) for results closest to the "
+    "published model"
 )
 
 # Limits for strategy "none" (input claimed to be skull-stripped already).
@@ -63,27 +70,63 @@ def _package_version(name: str) -> str:
 
 
 def find_synthstrip_weights(synthstrip_model: str | os.PathLike[str] | None = None) -> Path | None:
-    """The SynthStrip weights to use: the given path, else ``$FREESURFER_HOME/models/synthstrip.1.pt``."""
+    """The SynthStrip weights to use: the given path, else the installed copy (its lock must verify:
+    a changed file is refused, exit 65), else ``$FREESURFER_HOME/models/synthstrip.1.pt``; else None."""
     if synthstrip_model:
         path = Path(synthstrip_model).expanduser()
         return path if path.is_file() else None
-    fs_home = os.environ.get("FREESURFER_HOME")
-    if fs_home:
-        path = Path(fs_home) / "models" / SYNTHSTRIP_WEIGHTS
-        if path.is_file():
-            return path
-    return None
+    installed = registry.installed_synthstrip()
+    if installed.is_file():
+        store.verified(installed.parent, f"the installed SynthStrip weights {installed}")
+        return installed
+    return registry.freesurfer_synthstrip()
+
+
+def _weights_label(weights: Path) -> str:
+    """Which SynthStrip weights ran: file name, where they came from and the start of their SHA-256."""
+    if weights == registry.installed_synthstrip():
+        where = "installed"
+        digest = ((read_lock_file(weights.parent) or {}).get("files") or {}).get(weights.name)
+    else:
+        where = "FreeSurfer" if weights == registry.freesurfer_synthstrip() else "given"
+        digest = None
+    return f"{weights.name} ({where}, sha256 {(digest or sha256_file(weights))[:12]})"
 
 
 def _missing_weights_error(synthstrip_model: str | os.PathLike[str] | None) -> BidsClError:
     where = (f"the file given ({synthstrip_model}) does not exist" if synthstrip_model
-             else "no --synthstrip-model given and $FREESURFER_HOME/models/synthstrip.1.pt not found")
+             else "none installed, no --synthstrip-model given and $FREESURFER_HOME/models/synthstrip.1.pt "
+             "not found")
     return BidsClError(
-        f"SynthStrip weights missing: {where}. Copy synthstrip.1.pt from a FreeSurfer >= 7.3 install "
-        "($FREESURFER_HOME/models/synthstrip.1.pt) and pass its path with --synthstrip-model, or set "
-        "FREESURFER_HOME; or choose another --skull-strip strategy (deepbet, inv2, ants, none)",
+        f"SynthStrip weights missing: {where}. Install them once with 'bids_cl-models install synthstrip "
+        f"--from-file synthstrip.1.pt' (get the file from {registry.SYNTHSTRIP_SOURCES}), or pass "
+        "--synthstrip-model, or set FREESURFER_HOME; or choose another --skull-strip strategy (deepbet, "
+        "inv2, ants, none)",
         EXIT_MISSING_INPUT,
     )
+
+
+def load_synthstrip_model(weights: str | os.PathLike[str], device: str = "cpu"):  # -> StripModel
+    """nipreps-synthstrip's ``StripModel`` with FreeSurfer's weights (a checkpoint holding
+    ``model_state_dict``), read with the safe loader; ``BidsClError`` (65) for anything else."""
+    try:
+        from nipreps.synthstrip.model import StripModel
+    except ImportError as exc:
+        raise BidsClError("SynthStrip needs the Python package nipreps-synthstrip "
+                          "(pip install nipreps-synthstrip)", EXIT_MISSING_INPUT) from exc
+    dev = resolve_device(device)
+    checkpoint = load_checkpoint(weights, map_location=dev, what="SynthStrip weights")
+    state = checkpoint.get("model_state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise BidsClError(f"{weights} is not a SynthStrip checkpoint (no 'model_state_dict')", EXIT_BAD_DATA)
+    model = StripModel()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # other layer names or shapes: another network's weights
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise BidsClError(f"{weights} does not hold SynthStrip's network ({first[:200]})",
+                          EXIT_BAD_DATA) from exc
+    return model.to(dev).eval()
 
 
 def _finite(img: nib.Nifti1Image) -> np.ndarray:
@@ -115,14 +158,6 @@ def _mask_to_grid(mask_img: nib.Nifti1Image, target: nib.Nifti1Image) -> np.ndar
 # --- deepbet ---------------------------------------------------------------------------------------------
 
 
-def _torch_device(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 @lru_cache(maxsize=2)
 def _deepbet_model(no_gpu: bool):  # -> deepbet.BrainExtraction
     import warnings
@@ -139,9 +174,9 @@ def deepbet_mask(img: nib.Nifti1Image, *, nthreads: int = 1, device: str = "auto
     """deepbet's brain mask (bool, on ``img``'s grid). deepbet reorients internally and back."""
     import torch
 
-    dev = _torch_device(device)
+    dev = resolve_device(device)
     # deepbet picks the GPU by itself when one exists; no_gpu pins the CPU when asked.
-    bet = _deepbet_model(no_gpu=(dev == "cpu"))
+    bet = _deepbet_model(no_gpu=(dev.type == "cpu"))
     src = nib.Nifti1Image(_finite(img), img.affine)
     with _TORCH_LOCK:
         before = torch.get_num_threads()
@@ -170,24 +205,12 @@ def synthstrip_mask(img: nib.Nifti1Image, weights: Path, *, nthreads: int = 1, d
 
     try:
         from nipreps.synthstrip.cli import conform, resample_like
-        from nipreps.synthstrip.model import StripModel
     except ImportError as exc:
         raise BidsClError("SynthStrip needs the Python package nipreps-synthstrip "
                           "(pip install nipreps-synthstrip)", EXIT_MISSING_INPUT) from exc
 
-    dev = torch.device(_torch_device(device))
-    try:
-        try:
-            checkpoint = torch.load(str(weights), map_location=dev, weights_only=True)
-        except pickle.UnpicklingError:
-            # A checkpoint holding more than tensors and plain containers. The user chose this file
-            # (FreeSurfer's own weights), as nipreps-synthstrip's command line would load it.
-            checkpoint = torch.load(str(weights), map_location=dev, weights_only=False)
-        model = StripModel()
-        model.load_state_dict(checkpoint["model_state_dict"])
-    except Exception as exc:
-        raise BidsClError(f"cannot load SynthStrip weights {weights}: {exc}", EXIT_BAD_DATA) from exc
-    model.to(dev).eval()
+    dev = resolve_device(device)
+    model = load_synthstrip_model(weights, device=dev)
     src = nib.Nifti1Image(_finite(img), img.affine)
     conformed = conform(src)
     data = conformed.get_fdata(dtype=np.float32)
@@ -312,11 +335,12 @@ def skull_strip(
     mp2rage = is_mp2rage or inv2 is not None
     warnings: list[str] = []
 
+    weights = find_synthstrip_weights(synthstrip_model) if strategy in ("auto", "synthstrip") else None
     if strategy == "auto":
-        if synthstrip_model and find_synthstrip_weights(synthstrip_model) is None:
+        if synthstrip_model and weights is None:
             # An explicit path that does not exist is a mistake to report, not a reason to fall back.
             raise _missing_weights_error(synthstrip_model)
-        if find_synthstrip_weights(synthstrip_model) is not None:
+        if weights is not None:
             strategy = "synthstrip"
         elif inv2 is not None:
             strategy = "inv2"
@@ -327,12 +351,11 @@ def skull_strip(
                                 "background can leak into the mask; check it in the report")
 
     if strategy == "synthstrip":
-        weights = find_synthstrip_weights(synthstrip_model)
         if weights is None:
             raise _missing_weights_error(synthstrip_model)
         mask = synthstrip_mask(img, weights, nthreads=nthreads, device=device)
         detail = (f"SynthStrip (nipreps-synthstrip {_package_version('nipreps-synthstrip')}, weights "
-                  f"{weights.name}, border 1 mm) on the {'UNI' if mp2rage else 'T1w'}")
+                  f"{_weights_label(weights)}, border 1 mm) on the {'UNI' if mp2rage else 'T1w'}")
         return _result(img, mask, strategy, detail, warnings)
 
     if strategy == "none":

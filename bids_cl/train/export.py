@@ -21,21 +21,27 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from bids_cl.engine.checkpoints import load_checkpoint, plain_python
+from bids_cl.engine.lockfile import write_lock_file
+from bids_cl.engine.store_layout import MODEL_JSON
 from bids_cl.errors import EXIT_MISSING_INPUT, BidsClError
 
-MODEL_JSON = "bids_cl_model.json"
 NEUTRAL_TRAINER = "nnUNetTrainer"
 TRAINER_CLASS = "bids_cl.train.trainers.BidsClTrainer"
 _DROP_KEYS = ("optimizer_state", "grad_scaler_state")
 
 
 def slim_checkpoint(src: Path, dst: Path, *, trainer_class: type[Any]) -> dict[str, Any]:
-    """Copy a checkpoint without optimizer state, renaming the trainer when that is safe."""
+    """Copy a checkpoint without optimizer state, renaming the trainer when that is safe.
+
+    nnU-Net's fresh checkpoint is read with the engine's safe loader like any other; numpy scalars of its
+    training log become Python numbers, so the exported checkpoint loads with plain ``weights_only=True``.
+    """
     import torch
 
     from bids_cl.train.trainers import inference_compatible
 
-    ckpt = torch.load(str(src), map_location="cpu", weights_only=False)  # our own, fresh checkpoint
+    ckpt = plain_python(load_checkpoint(src, what="nnU-Net training checkpoint"))
     for key in _DROP_KEYS:
         ckpt[key] = None
     if inference_compatible(trainer_class):
@@ -75,22 +81,5 @@ def export_model(training_output_dir: Path, model_dir: Path, *, folds: list[int]
         "training": training or {},
     }
     (model_dir / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-    _write_lock(model_dir, log)
-    return model_dir
-
-
-def _write_lock(model_dir: Path, log: Any) -> None:
-    """The engine owns the lock format; without it the folder is usable but unlocked (reported)."""
-    try:
-        from bids_cl.engine import write_lock_file
-    except ImportError:
-        write_lock_file = None
-    if write_lock_file is None:
-        try:  # the function's home inside the engine, should the package not re-export it
-            from bids_cl.engine.lockfile import write_lock_file
-        except ImportError:
-            write_lock_file = None
-    if write_lock_file is None:
-        log("WARNING: bids_cl.engine.write_lock_file is not available: the model folder has no lock file")
-        return
     write_lock_file(model_dir)
+    return model_dir

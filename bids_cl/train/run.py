@@ -91,18 +91,18 @@ def configure_environment(opts: TrainOptions) -> None:
 
 
 def resolve_device(name: str, nthreads: int) -> Any:
+    """The engine's device rule (``bids_cl.engine.device``), plus torch's thread count for training."""
     import torch
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BidsClError("--device cuda: no CUDA device is available", EXIT_USAGE)
-    if name == "cpu":
+    from bids_cl.engine.device import resolve_device as engine_device
+
+    device = engine_device(name)
+    if device.type == "cpu":
         torch.set_num_threads(max(1, nthreads))
     else:
         # nnU-Net's advice: on GPU, torch threads only compete with the augmentation workers.
         torch.set_num_threads(1)
-    return torch.device(name)
+    return device
 
 
 def _dataset_dirs(opts: TrainOptions) -> tuple[Path, Path]:
@@ -147,15 +147,16 @@ def step_plan(opts: TrainOptions) -> None:
                                                   for s in splits))
 
 
-def _load_init_weights(trainer: BidsClTrainer, model_dir: Path, fold: int) -> None:
-    """Fine-tuning: start from a model's weights (all layers: the labels are the same background/CL)."""
-    import torch
+def _load_init_weights(trainer: BidsClTrainer, source: ResolvedModel, fold: int) -> None:
+    """Fine-tuning: start from a model's weights (all layers: the labels are the same background/CL),
+    read with the engine's safe checkpoint loader."""
+    from bids_cl.engine.checkpoints import load_checkpoint
+    from bids_cl.engine.store_layout import fold_checkpoints
 
-    from bids_cl.engine.models import fold_checkpoints
-
-    checkpoints = fold_checkpoints(model_dir)
+    checkpoints = fold_checkpoints(source.model_dir)
     src = checkpoints.get(fold) or next(iter(checkpoints.values()))
-    state = torch.load(str(src), map_location="cpu", weights_only=False)["network_weights"]
+    state = load_checkpoint(src, allow_code_execution=source.allow_code_execution,
+                            what=f"checkpoint of the model {source.name}")["network_weights"]
     trainer.network.load_state_dict(state)
     _log(f"fold {fold}: initialised from {src}")
 
@@ -178,7 +179,7 @@ def train_fold(opts: TrainOptions, fold: int, device: Any) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels
     if opts.from_model is not None:
         trainer.initialize()
-        _load_init_weights(trainer, opts.from_model.model_dir, fold)
+        _load_init_weights(trainer, opts.from_model, fold)
     t0 = time.monotonic()
     trainer.run_training()
     seconds = time.monotonic() - t0
@@ -236,7 +237,7 @@ def source_model_record(source: ResolvedModel) -> dict[str, Any]:
     its lock (verified when the model was resolved), so the checkpoints are not read twice.
     """
     from bids_cl.engine.lockfile import read_lock_file, sha256_file
-    from bids_cl.engine.models import MODEL_JSON, fold_checkpoints
+    from bids_cl.engine.store_layout import MODEL_JSON, fold_checkpoints
 
     model_dir = source.model_dir
     meta_file = model_dir / MODEL_JSON
@@ -278,7 +279,7 @@ def run(opts: TrainOptions) -> Path | None:
                      training=_recipe(opts, results, device), log=_log)
         _log(f"model written to {model_dir}")
     if "tune" in opts.steps:
-        from bids_cl.engine.models import MODEL_JSON
+        from bids_cl.engine.store_layout import MODEL_JSON
         from bids_cl.train.tune import tune_postprocessing
 
         if not (model_dir / MODEL_JSON).is_file():
