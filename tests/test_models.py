@@ -263,3 +263,188 @@ def test_unknown_trainer_falls_back_and_trainer_module(model_dir: Path, tmp_path
     (custom / "bids_cl_model.json").write_text(json.dumps(settings))
     cls, warning = load_model(custom).trainer_class()
     assert cls.__name__ == "nnUNetTrainerBidsClTestOnly" and warning is None
+
+
+# ---------------------------------------------------------------- checkpoint trust (issue 18)
+
+class _Payload:
+    """Unpickling this creates ``marker``: a stand-in for code run from a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204 (pickle protocol)
+        return (open, (str(self.marker), "w"))
+
+
+def _with_logging(model_dir: Path, dest: Path, value: object) -> Path:
+    """A copy of ``model_dir`` whose fold_0 checkpoint carries ``value`` in its ``logging`` entry."""
+    import torch
+
+    shutil.copytree(model_dir, dest)
+    ckpt = dest / "fold_0" / "checkpoint_final.pth"
+    data = torch.load(ckpt, weights_only=True)
+    data["logging"] = {"train_losses": [value]}
+    torch.save(data, ckpt)
+    return dest
+
+
+def test_crafted_checkpoint_is_refused_in_a_folder_a_zip_and_an_install(
+        model_dir: Path, home: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "payload_ran"
+    evil = _with_logging(model_dir, tmp_path / "evil", _Payload(marker))
+    evil_zip = T.export_zip(evil, tmp_path / "evil.zip")
+    for given in (evil, evil_zip):
+        with pytest.raises(BidsClError) as err:
+            load_model(given)
+        assert err.value.code == 65 and "allow-list" in str(err.value) and "io.open" in str(err.value)
+        assert not marker.exists()
+    # the refused zip left nothing under _archives/ (no staging folder, no cache entry)
+    assert not any((home / "models" / "_archives").iterdir())
+    assert cli.main(["install", "evil", "--from-file", str(evil_zip)]) == 65
+    assert not marker.exists() and not (home / "models" / "evil").exists()
+    assert [p.name for p in (home / "models").iterdir()] == ["_archives"]
+
+
+def test_a_lock_that_came_with_a_model_must_verify(model_dir: Path, home: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    locked = tmp_path / "locked"
+    shutil.copytree(model_dir, locked)
+    write_lock_file(locked, source={"doi": "10.1/x"})
+    good_zip = T.export_zip(locked, tmp_path / "good.zip")
+    with open(locked / "fold_1" / "checkpoint_final.pth", "ab") as fh:
+        fh.write(b"\0")
+    bad_zip = T.export_zip(locked, tmp_path / "tampered.zip")
+
+    assert cli.main(["install", "tampered", "--from-file", str(bad_zip)]) == 65
+    assert "changed file" in capsys.readouterr().err
+    assert not (home / "models" / "tampered").exists()
+    with pytest.raises(BidsClError) as err:
+        load_model(bad_zip)
+    assert err.value.code == 65 and "lock" in str(err.value)
+    assert not any((home / "models" / "_archives").iterdir())
+
+    assert cli.main(["install", "good", "--from-file", str(good_zip)]) == 0
+    prov = load_model("good").provenance
+    assert prov["trust"] == "lock" and prov["source"]["origin"] == "lock in archive"
+    assert load_model(good_zip).provenance["trust"] == "lock"
+    assert cli.main(["verify", "good"]) == 0
+
+
+def test_a_refused_zip_leaves_no_staging_folder(home: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    for name, member in (("slip.zip", "../../escape.txt"), ("empty.zip", "README.txt")):
+        with zipfile.ZipFile(tmp_path / name, "w") as zf:
+            zf.writestr(member, "x")
+        with pytest.raises(BidsClError) as err:
+            load_model(tmp_path / name)
+        assert err.value.code == 65
+    assert not any((home / "models" / "_archives").iterdir())
+
+
+def test_full_unpickling_only_for_one_model_installed_with_the_loud_option(
+        model_dir: Path, home: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fractions import Fraction
+
+    odd = _with_logging(model_dir, tmp_path / "odd", Fraction(1, 3))  # harmless, but not allow-listed
+    odd_zip = T.export_zip(odd, tmp_path / "odd.zip")
+    with pytest.raises(BidsClError) as err:
+        load_model(odd)
+    assert err.value.code == 65 and "fractions.Fraction" in str(err.value)
+    assert cli.main(["install", "odd", "--from-file", str(odd_zip)]) == 65
+    # A lock inside the files cannot grant the permission: only the install option can.
+    write_lock_file(odd, source={"unsafe_unpickling": True})
+    with pytest.raises(BidsClError):
+        load_model(odd)
+    assert cli.main(["install", "odd", "--from-file", str(odd_zip), "--allow-unsafe-unpickling"]) == 0
+    model = load_model("odd")
+    assert model.checkpoint(0)["logging"]["train_losses"] == [Fraction(1, 3)]
+    assert "UNSAFE" in caplog.text
+    assert cli.main(["install", "other", "--from-file", str(odd_zip)]) == 65  # the permission is per model
+
+
+def test_allow_list_reads_numpy_scalars_and_the_shipped_checkpoints_need_none(
+        model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    from bids_cl.engine.checkpoints import load_checkpoint
+    from bids_cl.engine.registry import packaged_model_dir
+
+    nnunet_like = _with_logging(model_dir, tmp_path / "np", np.float32(0.25))  # as nnU-Net logs losses
+    ckpt = nnunet_like / "fold_0" / "checkpoint_final.pth"
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(ckpt, weights_only=True)
+    assert load_checkpoint(ckpt)["logging"]["train_losses"] == [np.float32(0.25)]
+    assert load_model(nnunet_like).provenance["trust"] == "unverified source"
+    # the demo model was re-saved with plain Python numbers: torch's own safe loader suffices
+    demo = torch.load(packaged_model_dir("demo") / "fold_0" / "checkpoint_final.pth", weights_only=True)
+    assert demo["trainer_name"] == "nnUNetTrainer" and isinstance(demo["_best_ema"], float)
+    assert load_model("demo").provenance["trust"] == "lock"
+
+
+def test_engine_modules_import_each_other_without_cycles() -> None:
+    """models <-> registry imported each other (a late import marked it): the store split removes it."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "bids_cl"
+    graph: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports count too
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bids_cl"):
+                for alias in node.names:
+                    sub = package.parent.joinpath(*f"{node.module}.{alias.name}".split("."))
+                    is_module = sub.with_suffix(".py").is_file() or (sub / "__init__.py").is_file()
+                    deps.add(f"{node.module}.{alias.name}" if is_module else node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("bids_cl"))
+        graph[module] = deps - {module}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, trail = stack.pop()
+            for dep in graph.get(node, ()):
+                if dep == start:
+                    return trail + [start]
+                if dep not in seen:
+                    seen.add(dep)
+                    stack.append((dep, trail + [dep]))
+        return None
+
+    engine = [m for m in graph if m.startswith("bids_cl.engine.")]
+    assert {"bids_cl.engine.store", "bids_cl.engine.store_layout", "bids_cl.engine.models"} <= set(engine)
+    assert [c for c in map(cycle_from, engine) if c] == []
+
+
+def test_one_device_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from bids_cl.engine import device, segmentation
+    from bids_cl.preproc import skullstrip
+    from bids_cl.train import run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device.resolve_device("auto") == torch.device("cpu")
+    assert run.resolve_device("auto", 1) == torch.device("cpu")
+    for bad, code in (("cuda", 66), ("cuda:1", 66), ("gpu0", 64)):
+        with pytest.raises(BidsClError) as err:
+            device.resolve_device(bad)
+        assert err.value.code == code
+    with pytest.raises(BidsClError) as err:
+        run.resolve_device("cuda", 1)  # training follows the same rule (it said 64 before)
+    assert err.value.code == 66
+    assert segmentation.resolve_device is device.resolve_device is skullstrip.resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device.resolve_device("auto") == torch.device("cuda")
+
+
+def test_cpu_warning_names_no_missing_option(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from bids_cl.engine import CLSegmenter
+
+    CLSegmenter(model_dir, device="cpu", nthreads=1)
+    text = " ".join(r.getMessage() for r in caplog.records if "CPU" in r.getMessage())
+    assert "without test-time mirroring" in text and "--tta" not in text and "tta=True" in text
