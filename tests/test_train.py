@@ -144,7 +144,8 @@ def test_training_follows_discovery_where_the_old_globs_did_not(tmp_path: Path) 
     assert by_id["sub-03"].inv2.name == "sub-03_inv-2_part-mag_MP2RAGE.nii.gz"
     assert [line for line in log if "sub-04_T1w.nii.gz" in line] == [
         "warning: skipped: sub-04_T1w.nii.gz is an empty (0-byte) file"]
-    assert any("1 manual mask(s) match no image" in line and "sub-01_run-1" in line for line in log)
+    assert any(line.startswith("warning: 2 manual mask(s) match no image") and line.endswith(
+        ": sub-01_run-1, sub-04") for line in log)
     # --sequence selects by discovery's sequence, evidence included
     mp2rage = find_cases(root, labels, sequences=["MP2RAGE"], log=lambda _m: None)[0]
     assert [c.case_id for c in mp2rage] == ["sub-01_acq-highres", "sub-02_acq-fastUNIT1", "sub-03"]

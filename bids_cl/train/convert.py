@@ -69,8 +69,8 @@ def preproc_strategies() -> tuple[str, ...]:
 def usable_targets(items: Sequence[WorkItem], log: Callable[[str], None]) -> list[WorkItem]:
     """The targets discovery found usable; one warning line for each target or participant it could not use.
 
-    The only reader of discovery's ``problem``/``problem_code`` fields here. Raises discovery's own code
-    (as ``bids_cl participant`` does) when nothing at all is usable.
+    The only reader of what ``discover`` returns besides the usable items' fields: raises discovery's own
+    code (as ``bids_cl participant`` does) when nothing at all is usable.
     """
     usable = [item for item in items if item.problem is None]
     problems = [item for item in items if item.problem is not None]
@@ -104,8 +104,8 @@ def find_cases(bids_dir: Path, labels_dir: Path, *,
     The targets come from bids_cl's own discovery (``bids_cl.utils.bids.discover``: its pybids queries,
     MP2RAGE evidence, prefix de-duplication and INV2 pairing), so a case is named, typed and skull
     stripped as inference will treat that image. Masks are looked up by the target's prefix anywhere
-    under ``labels_dir``. Targets discovery cannot use are skipped with a warning (``log``), and so are
-    reported masks whose prefix names no target.
+    under ``labels_dir``. Targets discovery cannot use are skipped with a warning (``log``); masks whose
+    prefix names no usable target of the selected participants are reported the same way.
 
     Returns the cases and the prefixes of images that have no manual mask (skipped: an image without a
     mask is *unannotated*, not lesion-free; lesion-free images need an empty mask file).
@@ -115,8 +115,8 @@ def find_cases(bids_dir: Path, labels_dir: Path, *,
         raise BidsClError(f"BIDS dataset not found: {bids_dir}", EXIT_MISSING_INPUT)
     if not labels_dir.is_dir():
         raise BidsClError(f"labels folder not found: {labels_dir}", EXIT_MISSING_INPUT)
-    items = discover(make_layout(bids_dir), participant_label=strip_prefix(list(participants or []), "sub-"))
-    targets = usable_targets(items, log)
+    wanted = strip_prefix(list(participants or []), "sub-")
+    targets = usable_targets(discover(make_layout(bids_dir), participant_label=wanted), log)
 
     labels = _index_by_name(labels_dir, "*_label-CL_mask.nii*")
     brains = _index_by_name(labels_dir, "*_desc-brain_mask.nii*")
@@ -134,10 +134,9 @@ def find_cases(bids_dir: Path, labels_dir: Path, *,
             brain_mask=_by_prefix(brains, item.prefix, "desc-brain_mask")))
 
     # A mask named after no target (a typo, or a prefix guessed differently from bids_cl's) is never used.
-    selected = {item.participant for item in items}
-    known = {item.prefix for item in items}
+    known = {item.prefix for item in targets}
     orphans = sorted(prefix for prefix in map(_mask_prefix, labels) if prefix not in known
-                     and prefix.split("_")[0].removeprefix("sub-") in selected)
+                     and (wanted is None or prefix.split("_")[0].removeprefix("sub-") in wanted))
     if orphans:
         log(f"warning: {len(orphans)} manual mask(s) match no image bids_cl would segment (by prefix): "
             + ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""))
