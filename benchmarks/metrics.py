@@ -15,11 +15,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
-from bids_cl.evaluation.metrics import (
-    label_lesions,
-    match_lesions,
-    voxel_counts,
-)
+from bids_cl.evaluation.metrics import match_lesions, voxel_counts
+from bids_cl.utils.components import label_components
 
 CASES = {
     # name: (shape, voxel size mm, number of GT lesions)
@@ -79,18 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for name, (shape, voxel_mm, n_lesions) in CASES.items():
         pred, gt = make_case(shape, n_lesions, args.seed)
-        pred_labels, n_pred = label_lesions(pred)
-        gt_labels, n_gt = label_lesions(gt)
+        pred_labels, n_pred = label_components(pred)
+        gt_labels, n_gt = label_components(gt)
         match = match_lesions(pred_labels, n_pred, gt_labels, n_gt)
         counts = match.counts
 
         def run_all(pred: np.ndarray = pred, gt: np.ndarray = gt) -> None:
-            p_labels, p_n = label_lesions(pred)
-            g_labels, g_n = label_lesions(gt)
+            p_labels, p_n = label_components(pred)
+            g_labels, g_n = label_components(gt)
             match_lesions(p_labels, p_n, g_labels, g_n)
             voxel_counts(pred, gt)
 
-        t_label = best_time(lambda pred=pred: label_lesions(pred), args.repeats)
+        t_label = best_time(lambda pred=pred: label_components(pred), args.repeats)
         t_match = best_time(
             lambda a=pred_labels, b=gt_labels, na=n_pred, nb=n_gt: match_lesions(a, na, b, nb),
             args.repeats,

@@ -7,7 +7,6 @@ import pytest
 
 from bids_cl.engine.lesions import (
     LESION_COLUMNS,
-    best_iou_per_lesion,
     fold_uncertainty,
     intensity_ood,
     lesion_table,
@@ -15,13 +14,13 @@ from bids_cl.engine.lesions import (
     voxel_volume_ul,
 )
 from bids_cl.engine.postproc import (
-    label_components,
     min_size_in_voxels,
     postprocess,
     remove_small_components,
     threshold_probability,
 )
 from bids_cl.errors import BidsClError
+from bids_cl.utils.components import best_iou, label_sizes, overlap_pairs
 
 
 def _diagonal_pair() -> np.ndarray:
@@ -33,15 +32,9 @@ def _diagonal_pair() -> np.ndarray:
     return mask
 
 
-@pytest.mark.parametrize(("connectivity", "expected"), [(6, 5), (18, 4), (26, 3)])
-def test_connectivity_variants(connectivity: int, expected: int) -> None:
-    _labels, n = label_components(_diagonal_pair(), connectivity)
-    assert n == expected
-
-
-def test_bad_connectivity_is_a_usage_error() -> None:
+def test_postprocess_bad_connectivity_is_a_usage_error() -> None:
     with pytest.raises(BidsClError) as err:
-        label_components(_diagonal_pair(), 8)
+        postprocess(_diagonal_pair().astype(np.float32), connectivity=8)
     assert err.value.code == 64
 
 
@@ -94,8 +87,13 @@ def test_best_iou_and_uncertainty() -> None:
     fold_a[6:8, 6:8, 6:8] = 2            # identical to the ensemble
     fold_b = np.zeros_like(ens)
     fold_b[1:3, 1:3, 1:2] = 1            # half of lesion 1 (IoU 0.5), nothing at lesion 2
-    np.testing.assert_allclose(best_iou_per_lesion(ens, 2, fold_a, 2), [1.0, 1.0])
-    np.testing.assert_allclose(best_iou_per_lesion(ens, 2, fold_b, 1), [0.5, 0.0])
+    sizes = label_sizes(ens, 2)
+    best_a, _ = best_iou(overlap_pairs(ens, fold_a), sizes, label_sizes(fold_a, 2))
+    best_b, best_of_fold_b = best_iou(overlap_pairs(ens, fold_b), sizes, label_sizes(fold_b, 1))
+    np.testing.assert_allclose(best_a, [1.0, 1.0])
+    # lesion 1 (8 voxels) vs fold_b's 4 voxels inside it: IoU 4 / 8; lesion 2 overlaps nothing.
+    np.testing.assert_allclose(best_b, [0.5, 0.0])
+    np.testing.assert_allclose(best_of_fold_b, [0.5])
     unc = fold_uncertainty(ens, 2, [(fold_a, 2), (fold_b, 1)])
     np.testing.assert_allclose(unc, [0.25, 0.5])
     assert fold_uncertainty(ens, 2, [(fold_a, 2)]).tolist() == [0.0, 0.0]  # one fold: 0 by definition

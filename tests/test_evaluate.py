@@ -217,3 +217,139 @@ def test_console_command(dataset: dict[str, Path], tmp_path: Path) -> None:
     failed = subprocess.run([*command, str(tmp_path / "missing"), "--reference", "x"],
                             capture_output=True, text=True, timeout=120)
     assert failed.returncode == 66 and failed.stderr.startswith("bids_cl-evaluate: error:")
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference metrics.py's numbers, case by case (../shared/reference/paper.md, section 4)
+# ------------------------------------------------------------------------------------------------
+
+GRID = (10, 10, 10)  # N = 1000 voxels; nDSC with r = 0.001: k = 0.999 |GT| / (0.001 (1000 - |GT|))
+A = np.s_[1:3, 1:3, 1:3]  # 8 voxels
+C = np.s_[6:8, 6:8, 6:8]  # 8 voxels, apart from A
+METRICS = ("f1", "recall", "precision", "usl_rate", "dice", "ndsc")
+
+# name: (predicted boxes, reference boxes, expected F1, recall, precision, USL rate, DSC, nDSC,
+# recall under --zero-division strict). Lesion counts use iou_adj >= 0.25, 26-connectivity.
+REFERENCE_CASES: dict[str, tuple[list[tuple[slice, ...]], list[tuple[slice, ...]],
+                                 tuple[float, ...], float]] = {
+    # TP 1: F1 = 2/2, recall 1/1, precision 1/1, USL 0/1; voxels TP 8, FP 0, FN 0: DSC = nDSC = 16/16.
+    "exact": ([A], [A], (1.0, 1.0, 1.0, 0.0, 1.0, 1.0), 1.0),
+    # 27-voxel cube shifted one voxel along i: overlap 2*3*3 = 18; IoU_adj = 18 / (27 + 9) = 0.5
+    # -> TP: F1 = recall = precision = 1, USL 0. DSC = 36 / 54; k = 0.999*27 / (0.001*973)
+    # = 27.72148: nDSC = 36 / (9k + 36 + 9) = 0.12224386.
+    "shifted": ([np.s_[2:5, 1:4, 1:4]], [np.s_[1:4, 1:4, 1:4]],
+                (1.0, 1.0, 1.0, 0.0, 0.66666667, 0.12224386), 1.0),
+    # One 40-voxel rod, predicted as two 16-voxel pieces: IoU_adj = 16 / (16 + 8) each -> TP 2,
+    # FN 0: F1 = 4/4, recall 2/2, precision 2/2, USL 0. DSC = 64 / 72 = nDSC (FP 0).
+    "split": ([np.s_[1:3, 1:3, 0:4], np.s_[1:3, 1:3, 5:9]], [np.s_[1:3, 1:3, 0:10]],
+              (1.0, 1.0, 1.0, 0.0, 0.88888889, 0.88888889), 1.0),
+    # Two 16-voxel rods merged by one 40-voxel prediction: IoU_adj = 32 / 40 -> TP 1, FN 0:
+    # F1 = 2/2, recall 1/1, precision 1/1. DSC = 64 / 72; k = 0.999*32 / (0.001*968) = 33.02479:
+    # nDSC = 64 / (8k + 64) = 0.19500403.
+    "merged": ([np.s_[1:3, 1:3, 0:10]], [np.s_[1:3, 1:3, 0:4], np.s_[1:3, 1:3, 6:10]],
+               (1.0, 1.0, 1.0, 0.0, 0.88888889, 0.19500403), 1.0),
+    # TP 1, FN 1: F1 = 2 / (2 + 1) , recall 1/2, precision 1/1, USL 0. DSC = 16/24 = nDSC (FP 0).
+    "missed": ([A], [A, C], (0.66666667, 0.5, 1.0, 0.0, 0.66666667, 0.66666667), 0.5),
+    # TP 1, FP 1: F1 = 2 / (2 + 1), recall 1/1, precision 1/2, USL 0/2. DSC = 16 / 24;
+    # k = 0.999*8 / (0.001*992) = 8.05645: nDSC = 16 / (8k + 16) = 0.19887731.
+    "spurious": ([A, C], [A], (0.66666667, 1.0, 0.5, 0.0, 0.66666667, 0.19887731), 1.0),
+    # FN 1, nothing predicted: F1 = 0/1, recall 0/1; precision 0 and USL rate 1 (0/0 with FN > 0).
+    # DSC = 0/8, nDSC = 0 / (0 + 0 + 8).
+    "emptypred": ([], [A], (0.0, 0.0, 0.0, 1.0, 0.0, 0.0), 0.0),
+    # FP 1, no reference lesion: F1 = 0/1, recall 0/0 -> 1 (strict: 0), precision 0/1, USL 0/1.
+    # DSC = 0/8; k = 1 (empty GT): nDSC = 0 / 8.
+    "emptyref": ([A], [], (0.0, 1.0, 0.0, 0.0, 0.0, 0.0), 0.0),
+    # Everything 0/0: F1 1, recall 1, precision 1 and USL rate 0 (FN = 0), DSC = nDSC = 1.
+    "bothempty": ([], [], (1.0, 1.0, 1.0, 0.0, 1.0, 1.0), 1.0),
+    # Two 27-voxel lesions, each touched at one voxel by an 8-voxel prediction: IoU_adj
+    # = 1 / (8 + 26) < 0.25 -> USL 2, TP 0, FN 0: F1 = 0/2, recall 0/0 -> 1 (strict: 0),
+    # precision 0/2, USL rate 2/2. Voxels TP 2, FP 14, FN 52: DSC = 4 / 70;
+    # k = 0.999*54 / (0.001*946) = 57.02537: nDSC = 4 / (14k + 4 + 52) = 0.00468189.
+    "poor": ([np.s_[2:4, 2:4, 2:4], np.s_[8:10, 8:10, 8:10]],
+             [np.s_[0:3, 0:3, 0:3], np.s_[6:9, 6:9, 6:9]],
+             (0.0, 1.0, 0.0, 1.0, 0.05714286, 0.00468189), 0.0),
+}
+
+
+def blocks(boxes: list[tuple[slice, ...]]) -> np.ndarray:
+    mask = np.zeros(GRID, np.uint8)
+    for box in boxes:
+        mask[box] = 1
+    return mask
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_metrics_equal_the_reference_per_image(case: str) -> None:
+    from bids_cl.evaluation.metrics import evaluate_masks
+
+    pred_boxes, ref_boxes, expected, strict_recall = REFERENCE_CASES[case]
+    pred, ref = blocks(pred_boxes), blocks(ref_boxes)
+    got = evaluate_masks(pred, ref)
+    assert [got[m] for m in METRICS] == pytest.approx(list(expected), abs=1e-8)
+    strict = evaluate_masks(pred, ref, zero_division="strict")
+    assert strict["recall"] == strict_recall
+    assert {m: strict[m] for m in METRICS if m != "recall"} == {
+        m: got[m] for m in METRICS if m != "recall"}
+
+
+@pytest.fixture
+def reference_cases(tmp_path: Path) -> dict[str, Path]:
+    """One participant per case, as NIfTIs in bids_cl-evaluate's layout (output / reference)."""
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    for case, (pred_boxes, ref_boxes, _, _) in REFERENCE_CASES.items():
+        save(out / f"sub-{case}" / "anat" / f"sub-{case}_label-CL_mask.nii.gz", blocks(pred_boxes))
+        save(ref / f"sub-{case}" / "anat" / f"sub-{case}_label-CL_mask.nii.gz", blocks(ref_boxes))
+    return {"out": out, "ref": ref}
+
+
+def test_evaluate_cli_gives_the_reference_numbers(reference_cases: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    out, ref = str(reference_cases["out"]), str(reference_cases["ref"])
+    base = [out, "--reference", ref, "--by", "participant_id", "--bootstrap", "40"]
+    assert main([*base, "-o", str(tmp_path / "paper")]) == 0
+    assert main([*base, "--zero-division", "strict", "-o", str(tmp_path / "strict")]) == 0
+
+    for convention in ("paper", "strict"):
+        eval_dir = tmp_path / convention
+        settings = json.loads((eval_dir / "settings.json").read_text())
+        assert settings["ZeroDivision"] == convention  # the sidecar names the convention
+        assert "recall" in settings["ZeroDivisionRule"]
+        images = read_tsv(eval_dir / "images.tsv").set_index("participant_id")
+        assert len(images) == len(REFERENCE_CASES)
+        for case, (_, _, expected, strict_recall) in REFERENCE_CASES.items():
+            row = images.loc[f"sub-{case}"]
+            values = list(expected)
+            if convention == "strict":
+                values[METRICS.index("recall")] = strict_recall
+            # images.tsv keeps 6 significant digits
+            assert [row[m] for m in METRICS] == pytest.approx(values, rel=1e-5, abs=1e-9), case
+
+    paper = read_tsv(tmp_path / "paper" / "aggregate.tsv").set_index("metric")
+    strict = read_tsv(tmp_path / "strict" / "aggregate.tsv").set_index("metric")
+    # Mean recall over the 10 images: (1+1+1+1+0.5+1+0+1+1+1) / 10 = 0.85; strict sets emptyref
+    # and poor to 0: 6.5 / 10 = 0.65. Mean USL rate: (1 + 1) / 10 = 0.2 under both.
+    assert paper.loc["recall", "mean"] == pytest.approx(0.85)
+    assert strict.loc["recall", "mean"] == pytest.approx(0.65)
+    assert paper.loc["usl_rate", "mean"] == strict.loc["usl_rate", "mean"] == pytest.approx(0.2)
+    # Pooled: TP 1+1+2+1+1+1 = 7, FP 1+1 = 2, USL 2, FN 1+1 = 2: F1 = 14 / (14 + 2 + 2 + 2) = 0.7,
+    # recall 7 / 9 (no 0/0 once pooled: both conventions agree).
+    assert paper.loc["f1", "pooled"] == strict.loc["f1", "pooled"] == pytest.approx(0.7)
+    assert paper.loc["recall", "pooled"] == pytest.approx(7 / 9, rel=1e-5)
+    assert strict.loc["recall", "pooled"] == pytest.approx(7 / 9, rel=1e-5)
+
+    # Per participant (one image each), pooled counts and every bootstrap resample keep the 0/0:
+    # TP + FN = 0 gives recall 1 (paper) or 0 (strict) for mean, pooled and both CI ends.
+    columns = ["mean", "mean_ci_low", "mean_ci_high", "pooled", "pooled_ci_low", "pooled_ci_high"]
+    for convention, value in (("paper", 1.0), ("strict", 0.0)):
+        groups = read_tsv(tmp_path / convention / "by_group.tsv")
+        recall = groups[groups.metric == "recall"].set_index("group")
+        for case in ("emptyref", "poor"):
+            assert recall.loc[f"sub-{case}", columns].tolist() == [value] * 6, (convention, case)
+        # No prediction but a missed lesion: USL rate 1 under both conventions, pooled too.
+        usl = groups[groups.metric == "usl_rate"].set_index("group")
+        assert usl.loc["sub-emptypred", columns].tolist() == [1.0] * 6
+
+
+def test_unknown_zero_division_is_a_usage_error(reference_cases: dict[str, Path]) -> None:
+    assert main([str(reference_cases["out"]), "--reference", str(reference_cases["ref"]),
+                 "--zero-division", "lenient"]) == 64

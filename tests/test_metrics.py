@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from bids_cl.evaluation.metrics import (
     DETECTED,
@@ -11,17 +12,16 @@ from bids_cl.evaluation.metrics import (
     FP,
     TP,
     USL,
+    ZERO_DIVISIONS,
     LesionCounts,
     VoxelCounts,
     adjusted_iou,
     evaluate_masks,
-    label_lesions,
-    label_sizes,
     lesionwise_metrics,
     majority_partner,
-    overlap_pairs,
     voxel_counts,
 )
+from bids_cl.utils.components import label_components, label_sizes, overlap_pairs
 
 SHAPE = (6, 6, 14)  # 504 voxels
 
@@ -71,9 +71,11 @@ def test_one_gt_split_into_two_predictions() -> None:
     assert lesionwise_metrics(pred, gt, threshold=0.5).pred_verdict.tolist() == [TP, TP]
     by_iou = lesionwise_metrics(pred, gt, criterion="iou", threshold=0.5)
     assert by_iou.pred_verdict.tolist() == [USL, USL]
-    # Then TP 0, USL 2, FN 0: F1 = 0 / (0 + 0 + 2 + 0) = 0; precision = 0/2; recall 0/0 -> 0.
+    # Then TP 0, USL 2, FN 0: F1 = 0 / (0 + 0 + 2 + 0) = 0; precision = 0/2; USL rate 2/2;
+    # recall 0/0 -> 1 (paper), 0 (strict: the masks are not both empty).
     assert by_iou.counts.f1() == 0.0 and by_iou.counts.precision() == 0.0
-    assert by_iou.counts.recall() == 0.0 and by_iou.counts.usl_rate() == 1.0
+    assert by_iou.counts.recall() == 1.0 and by_iou.counts.usl_rate() == 1.0
+    assert by_iou.counts.recall("strict") == 0.0
 
 
 def test_two_gts_merged_by_one_prediction() -> None:
@@ -112,8 +114,9 @@ def test_prediction_barely_touching_gt_is_usl() -> None:
     assert match.gt_verdict.tolist() == [DETECTED]
     assert (m["tp"], m["fp"], m["usl"], m["fn"]) == (0, 0, 1, 0)
     # F1 = 0 / (0 + 0 + 1 + 0) = 0; precision = 0 / 1 = 0; USL rate = 1 / 1;
-    # recall = 0 / (0 + 0) is 0/0 with lesions present -> 0 (convention).
-    assert m["f1"] == 0.0 and m["precision"] == 0.0 and m["usl_rate"] == 1.0 and m["recall"] == 0.0
+    # recall = 0 / (0 + 0) is 0/0: 1 as the reference metrics.py gives (strict: 0).
+    assert m["f1"] == 0.0 and m["precision"] == 0.0 and m["usl_rate"] == 1.0 and m["recall"] == 1.0
+    assert evaluate_masks(pred, gt, zero_division="strict")["recall"] == 0.0
     # Dice = 2 * 1 / (8 + 27) = 2/35.
     assert m["dice"] == pytest.approx(2 / 35)
     # non_zero: any overlap is a TP -> TP 1, F1 = 2 / 2 = 1; its score is |P ∩ GT| / |P| = 1/8.
@@ -145,10 +148,11 @@ def test_mixed_tp_fp_fn() -> None:
 def test_empty_prediction() -> None:
     gt = rod(0, 4)
     m = evaluate_masks(empty(), gt)
-    # TP 0, FP 0, USL 0, FN 1: F1 = 0 / 1 = 0; recall = 0 / 1 = 0; precision 0/0 -> 0 (paper).
+    # TP 0, FP 0, USL 0, FN 1: F1 = 0 / 1 = 0; recall = 0 / 1 = 0; precision 0/0 with FN > 0
+    # -> 0 and USL rate 0/0 with FN > 0 -> 1 (the reference metrics.py).
     assert (m["n_pred"], m["n_gt"], m["fn"]) == (0, 1, 1)
     assert m["f1"] == m["recall"] == m["precision"] == 0.0
-    assert m["usl_rate"] == 0.0  # no predictions, no USL
+    assert m["usl_rate"] == 1.0
     # Voxels: TP 0, FP 0, FN 16: Dice = 0 / 16; nDSC = 0 / (k*0 + 0 + 16); TPR = 0 / 16;
     # FPR = 0 / 488; FDR 0/0 -> 0.
     assert m["dice"] == m["ndsc"] == m["voxel_tpr"] == 0.0
@@ -158,9 +162,11 @@ def test_empty_prediction() -> None:
 def test_empty_gt() -> None:
     pred = rod(0, 4)
     m = evaluate_masks(pred, empty())
-    # TP 0, FP 1: F1 = 0 / 1 = 0; precision = 0 / 1 = 0; recall 0/0 with a prediction -> 0.
+    # TP 0, FP 1: F1 = 0 / 1 = 0; precision = 0 / 1 = 0; recall 0/0 -> 1 (the reference
+    # metrics.py), 0 under strict (a prediction, so not both empty).
     assert (m["n_pred"], m["n_gt"], m["fp"]) == (1, 0, 1)
-    assert m["f1"] == m["precision"] == m["recall"] == 0.0
+    assert m["f1"] == m["precision"] == 0.0 and m["recall"] == 1.0
+    assert evaluate_masks(pred, empty(), zero_division="strict")["recall"] == 0.0
     # Voxels: FP 16; k = 1 (empty GT): nDSC = 0 / (16 + 0 + 0) = 0; TPR 0/0 -> 0;
     # FPR = 16 / 504; FDR = 16 / 16.
     assert m["dice"] == m["ndsc"] == m["voxel_tpr"] == 0.0
@@ -176,14 +182,47 @@ def test_both_empty() -> None:
     assert (m["n_pred"], m["n_gt"]) == (0, 0)
 
 
+# (tp, fp, usl, fn, n_gt) -> (F1, recall paper, recall strict, precision, USL rate), by hand from
+# F1 = 2TP / (2TP + FP + USL + FN), recall = TP / (TP + FN), precision = TP / (TP + FP + USL),
+# USL rate = USL / (TP + FP + USL) and the 0/0 values of the reference metrics.py.
+CONVENTION_CASES = {
+    # 0/0 everywhere: F1 1, recall 1 (strict too: both empty), precision 1 and USL rate 0 (FN = 0).
+    "both empty": ((0, 0, 0, 0, 0), (1.0, 1.0, 1.0, 1.0, 0.0)),
+    # no prediction, FN 2: F1 0 / 2; recall 0 / 2; precision 0/0 with FN > 0 -> 0; USL 0/0 -> 1.
+    "empty prediction": ((0, 0, 0, 2, 2), (0.0, 0.0, 0.0, 0.0, 1.0)),
+    # no GT, 3 FPs: F1 0 / 3; recall 0/0 -> 1 (strict 0); precision 0 / 3; USL rate 0 / 3.
+    "empty reference": ((0, 3, 0, 0, 0), (0.0, 1.0, 0.0, 0.0, 0.0)),
+    # 2 GT lesions touched only by 2 USLs: F1 0 / 2; recall 0/0 -> 1 (strict 0); precision 0 / 2;
+    # USL rate 2 / 2.
+    "only poor overlaps": ((0, 0, 2, 0, 2), (0.0, 1.0, 0.0, 0.0, 1.0)),
+    # TP 1, FP 1, USL 1, FN 1: F1 2 / (2 + 1 + 1 + 1) = 0.4; recall 1 / 2; precision 1 / 3;
+    # USL rate 1 / 3 (no 0/0: both conventions agree).
+    "defined": ((1, 1, 1, 1, 2), (0.4, 0.5, 0.5, 1 / 3, 1 / 3)),
+}
+
+
+@pytest.mark.parametrize("case", CONVENTION_CASES)
+def test_zero_division_conventions(case: str) -> None:
+    counts, (f1, recall_paper, recall_strict, precision, usl_rate) = CONVENTION_CASES[case]
+    lesions = LesionCounts(*counts)
+    assert lesions.f1() == pytest.approx(f1)
+    assert lesions.recall() == lesions.recall("paper") == recall_paper  # paper is the default
+    assert lesions.recall("strict") == recall_strict
+    assert lesions.precision() == pytest.approx(precision)
+    assert lesions.usl_rate() == pytest.approx(usl_rate)
+
+
+def test_unknown_zero_division_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        LesionCounts(0, 0, 0, 0, 0).recall("lenient")
+
+
 def test_connectivity_corner_and_edge_neighbours() -> None:
     corner, edge = empty(), empty()
     corner[1, 1, 1] = corner[2, 2, 2] = 1  # share only a corner
     edge[1, 1, 1] = edge[2, 2, 1] = 1  # share an edge
-    assert [label_lesions(corner, c)[1] for c in (6, 18, 26)] == [2, 2, 1]
-    assert [label_lesions(edge, c)[1] for c in (6, 18, 26)] == [2, 1, 1]
-    with pytest.raises(ValueError):
-        label_lesions(corner, 8)
+    assert [label_components(corner, c)[1] for c in (6, 18, 26)] == [2, 2, 1]
+    assert [label_components(edge, c)[1] for c in (6, 18, 26)] == [2, 1, 1]
 
     # GT = the corner pair, prediction = its first voxel only.
     pred = empty()
@@ -233,14 +272,16 @@ def test_counts_vectorise_like_scalars() -> None:
     arrays = LesionCounts(tp, fp, usl, fn, n_gt)
     for i in range(4):
         one = LesionCounts(int(tp[i]), int(fp[i]), int(usl[i]), int(fn[i]), int(n_gt[i]))
-        for name in ("f1", "recall", "precision", "usl_rate"):
+        for name in ("f1", "precision", "usl_rate"):
             assert getattr(arrays, name)()[i] == getattr(one, name)()
+        for convention in ZERO_DIVISIONS:
+            assert arrays.recall(convention)[i] == one.recall(convention)
     voxels = VoxelCounts(np.array([0, 3]), np.array([0, 1]), np.array([0, 2]), np.array([10, 10]))
     assert voxels.dice().tolist() == [1.0, 6 / 9]
 
 
 def test_overlap_pairs_and_majority() -> None:
-    a = np.zeros((1, 1, 8), dtype=np.int32)
+    a = np.zeros((1, 1, 8), dtype=np.int32)  # overlap_pairs: bids_cl.utils.components
     b = np.zeros_like(a)
     a[0, 0] = [1, 1, 1, 0, 2, 2, 0, 0]
     b[0, 0] = [3, 3, 5, 5, 5, 0, 1, 0]
@@ -268,8 +309,8 @@ def test_adjusted_iou_matches_definition_on_random_masks(seed: int) -> None:
     rng = np.random.default_rng(seed)
     pred = rng.random((12, 12, 12)) < 0.12
     gt = rng.random((12, 12, 12)) < 0.12
-    pred_labels, n_pred = label_lesions(pred, 6)
-    gt_labels, n_gt = label_lesions(gt, 6)
+    pred_labels, n_pred = label_components(pred, 6)
+    gt_labels, n_gt = label_components(gt, 6)
     fast = adjusted_iou(
         overlap_pairs(pred_labels, gt_labels),
         label_sizes(pred_labels, n_pred),
@@ -289,9 +330,49 @@ def test_memory_layout_does_not_change_results() -> None:
     f_order = lesionwise_metrics(np.asfortranarray(pred), np.asfortranarray(gt))
     assert c_order.pred_verdict.tolist() == f_order.pred_verdict.tolist()
     np.testing.assert_array_equal(c_order.pred_iou_adj, f_order.pred_iou_adj)
-    a, _ = label_lesions(pred)
-    b, _ = label_lesions(gt)
+    a, _ = label_components(pred)
+    b, _ = label_components(gt)
     pairs_c = overlap_pairs(a, b)
     pairs_f = overlap_pairs(np.asfortranarray(a), np.asfortranarray(b))
     np.testing.assert_array_equal(pairs_c.voxels, pairs_f.voxels)
     np.testing.assert_array_equal(pairs_c.a_id, pairs_f.a_id)
+
+
+def _reference_scores_by_definition(pred: np.ndarray, gt: np.ndarray) -> list[float]:
+    """F1, recall, precision, USL rate, DSC, nDSC straight from paper.md section 4 (one lesion at a
+    time on whole-volume masks, 26-connectivity, IoU_adj threshold 0.25, r = 0.001)."""
+    pred_labels, n_pred = label_components(pred, 26)
+    gt_labels, n_gt = label_components(gt, 26)
+    verdicts = []
+    for p in range(1, n_pred + 1):
+        iou = _adjusted_iou_by_definition(pred_labels, gt_labels, p)
+        verdicts.append("TPL" if iou >= 0.25 else "USL" if iou > 0 else "FPL")
+    tpl, fpl, usl = (verdicts.count(v) for v in ("TPL", "FPL", "USL"))
+    fnl = sum(not (pred[gt_labels == g] > 0).any() for g in range(1, n_gt + 1))
+    f1 = 2 * tpl / (2 * tpl + fpl + usl + fnl) if 2 * tpl + fpl + usl + fnl else 1.0
+    recall = tpl / (tpl + fnl) if tpl + fnl else 1.0
+    n_predicted = tpl + fpl + usl
+    precision = tpl / n_predicted if n_predicted else (1.0 if fnl == 0 else 0.0)
+    usl_rate = usl / n_predicted if n_predicted else (0.0 if fnl == 0 else 1.0)
+    a, b = pred > 0, gt > 0
+    tp, fp, fn, n = (a & b).sum(), (a & ~b).sum(), (~a & b).sum(), a.size
+    dice = 2 * tp / (a.sum() + b.sum()) if a.sum() + b.sum() else 1.0
+    k = 1.0 if b.sum() in (0, n) else 0.999 * b.sum() / (0.001 * (n - b.sum()))
+    ndsc = 2 * tp / (k * fp + 2 * tp + fn) if a.sum() + b.sum() else 1.0
+    return [f1, recall, precision, usl_rate, dice, ndsc]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_scores_match_the_definitions_on_random_masks(seed: int) -> None:
+    # Random blob lesions, a prediction made of shifted, thinned copies plus specks (TP, USL, FP
+    # and FN all occur; seed 4 has USLs only, TP + FN = 0), and the empty combinations, against
+    # the prose definitions evaluated lesion by lesion.
+    rng = np.random.default_rng(seed)
+    gt = ndimage.binary_dilation(rng.random((12, 12, 12)) < 0.012)
+    pred = np.roll(gt, seed % 3, axis=seed % 3) & (rng.random(gt.shape) < 0.7)
+    pred |= rng.random(gt.shape) < 0.004
+    none = np.zeros_like(gt)
+    for p, g in ((pred, gt), (gt, pred), (pred, none), (none, gt), (none, none)):
+        m = evaluate_masks(p, g)
+        got = [m[k] for k in ("f1", "recall", "precision", "usl_rate", "dice", "ndsc")]
+        assert got == pytest.approx(_reference_scores_by_definition(p, g), abs=1e-12)

@@ -9,6 +9,14 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from bids_cl.utils.components import (
+    best_iou,
+    label_bboxes,
+    label_centroids,
+    label_sizes,
+    overlap_pairs,
+)
+
 LESION_COLUMNS = [
     "lesion_id", "voxels", "volume_ul",
     "centroid_i", "centroid_j", "centroid_k", "centroid_x", "centroid_y", "centroid_z",
@@ -22,23 +30,6 @@ def voxel_volume_ul(affine: np.ndarray) -> float:
     return float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
 
 
-def best_iou_per_lesion(labels: np.ndarray, n: int, other: np.ndarray, n_other: int) -> np.ndarray:
-    """For each lesion 1..n of ``labels``: the best IoU with any lesion of ``other`` (0 if none overlaps)."""
-    best = np.zeros(n + 1, dtype=np.float64)
-    if n == 0 or n_other == 0:
-        return best[1:]
-    both = (labels > 0) & (other > 0)
-    size_a = np.bincount(labels.ravel(), minlength=n + 1)
-    size_b = np.bincount(other.ravel(), minlength=n_other + 1)
-    a = labels[both].astype(np.int64)
-    b = other[both].astype(np.int64)
-    pairs, inter = np.unique(a * (n_other + 1) + b, return_counts=True)
-    pa, pb = pairs // (n_other + 1), pairs % (n_other + 1)
-    iou = inter / (size_a[pa] + size_b[pb] - inter)
-    np.maximum.at(best, pa, iou)
-    return best[1:]
-
-
 def fold_uncertainty(labels: np.ndarray, n: int,
                      fold_labels: Sequence[tuple[np.ndarray, int]] | None) -> np.ndarray:
     """1 - mean over folds of each lesion's best IoU with that fold's lesions (0 with fewer than 2 folds).
@@ -48,7 +39,9 @@ def fold_uncertainty(labels: np.ndarray, n: int,
     """
     if n == 0 or not fold_labels or len(fold_labels) < 2:
         return np.zeros(n, dtype=np.float64)
-    ious = np.stack([best_iou_per_lesion(labels, n, fl, fn) for fl, fn in fold_labels])
+    sizes = label_sizes(labels, n)
+    ious = np.stack([best_iou(overlap_pairs(labels, fold), sizes, label_sizes(fold, n_fold))[0]
+                     for fold, n_fold in fold_labels])
     return 1.0 - ious.mean(axis=0)
 
 
@@ -58,16 +51,14 @@ def lesion_table(labels: np.ndarray, n: int, probability: np.ndarray, affine: np
     if n == 0:
         return pd.DataFrame({c: pd.Series(dtype="int64" if c.startswith(("lesion", "voxels", "bbox"))
                                           else "float64") for c in LESION_COLUMNS})
-    idx = np.nonzero(labels)
-    lab = labels[idx]
-    counts = np.bincount(lab, minlength=n + 1)[1:].astype(np.int64)
-    centroid = np.stack([np.bincount(lab, weights=axis, minlength=n + 1)[1:] / counts for axis in idx], 1)
+    counts = label_sizes(labels, n)
+    centroid = label_centroids(labels, n)
     world = centroid @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
-    prob = probability[idx].astype(np.float64)
-    mean_prob = np.bincount(lab, weights=prob, minlength=n + 1)[1:] / counts
+    foreground = labels > 0
+    prob = probability[foreground].astype(np.float64)
+    mean_prob = np.bincount(labels[foreground], weights=prob, minlength=n + 1)[1:] / counts
     max_prob = np.asarray(ndimage.maximum(probability, labels, index=np.arange(1, n + 1)), dtype=np.float64)
-    boxes = ndimage.find_objects(labels, max_label=n)
-    bbox = np.array([[s.start for s in box] + [s.stop for s in box] for box in boxes], dtype=np.int64)
+    bbox = label_bboxes(labels, n)
     table = pd.DataFrame({
         "lesion_id": np.arange(1, n + 1, dtype=np.int64),
         "voxels": counts,

@@ -1,22 +1,16 @@
-"""Probability -> lesion mask: thresholding, connected components, minimum lesion size (pure numpy)."""
+"""Probability -> lesion mask: thresholding, connected components, minimum lesion size (pure numpy).
+
+Labelling and label sizes are bids_cl.utils.components' (the one copy of the connectivity rule).
+"""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from scipy import ndimage
 
 from bids_cl.errors import EXIT_USAGE, BidsClError
-
-CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}  # neighbours -> scipy's structuring-element connectivity
-
-
-def structure(connectivity: int) -> np.ndarray:
-    """3-D structuring element for 6- (faces), 18- (faces+edges) or 26-connectivity (all neighbours)."""
-    if connectivity not in CONNECTIVITY_RANK:
-        raise BidsClError(f"connectivity must be 6, 18 or 26, not {connectivity!r}", EXIT_USAGE)
-    return ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
+from bids_cl.utils.components import DEFAULT_CONNECTIVITY, label_components, label_sizes
 
 
 def threshold_probability(probability: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -24,12 +18,6 @@ def threshold_probability(probability: np.ndarray, threshold: float = 0.5) -> np
     if not 0.0 <= float(threshold) < 1.0:
         raise BidsClError(f"threshold must be in [0, 1), not {threshold!r}", EXIT_USAGE)
     return probability > threshold
-
-
-def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
-    """Connected components of a boolean mask: (labels 1..N in scan order as int32, N)."""
-    labels, n = ndimage.label(mask, structure=structure(connectivity), output=np.int32)
-    return labels, int(n)
 
 
 def min_size_in_voxels(min_lesion_size: int | float | str | tuple[float, str] | None,
@@ -68,15 +56,14 @@ def remove_small_components(labels: np.ndarray, n: int, min_voxels: int | None
     """Drop components with fewer than ``min_voxels`` voxels; relabel the rest 1..M keeping their order."""
     if not min_voxels or n == 0:
         return labels, n
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes >= min_voxels
-    keep[0] = False
+    keep = np.concatenate([[False], label_sizes(labels, n) >= min_voxels])
     new_ids = np.zeros(n + 1, dtype=np.int32)
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return new_ids[labels], int(keep.sum())
 
 
-def postprocess(probability: np.ndarray, *, threshold: float = 0.5, connectivity: int = 26,
+def postprocess(probability: np.ndarray, *, threshold: float = 0.5,
+                connectivity: int = DEFAULT_CONNECTIVITY,
                 min_voxels: int | None = None) -> tuple[np.ndarray, int]:
     """Threshold, label and size-filter: (lesion labels int32, number of lesions)."""
     labels, n = label_components(threshold_probability(probability, threshold), connectivity)

@@ -25,8 +25,9 @@ from bids_cl.engine import predictor as pred
 from bids_cl.engine.device import resolve_device
 from bids_cl.engine.lesions import intensity_ood, lesion_table, summarize, voxel_volume_ul
 from bids_cl.engine.models import CLModel, load_model
-from bids_cl.engine.postproc import min_size_in_voxels, postprocess, structure
+from bids_cl.engine.postproc import min_size_in_voxels, postprocess
 from bids_cl.errors import EXIT_BAD_DATA, EXIT_MISSING_INPUT, BidsClError
+from bids_cl.utils.components import structuring_element
 
 log = logging.getLogger("bids_cl.engine")
 
@@ -107,7 +108,7 @@ class CLSegmenter:
         self.model = load_model(model)
         self.device = resolve_device(device)
         self.nthreads = int(nthreads) if nthreads else default_threads()
-        structure(connectivity)  # validate early
+        structuring_element(connectivity)  # validate early
         # None: the model's tuned value where it carries one, else nnU-Net's argmax (0.5) / every lesion kept.
         self.threshold, self.threshold_source = _resolve_setting(
             None if threshold is None else float(threshold), self.model.tuned_threshold, 0.5)

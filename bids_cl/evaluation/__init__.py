@@ -9,18 +9,18 @@ from bids_cl.evaluation.metrics import (
     LesionMatch,
     VoxelCounts,
     evaluate_masks,
-    label_lesions,
     lesionwise_metrics,
     match_lesions,
     voxel_counts,
 )
+from bids_cl.utils.components import label_components
 
 __all__ = [
     "LesionCounts",
     "LesionMatch",
     "VoxelCounts",
     "evaluate_masks",
-    "label_lesions",
+    "label_components",
     "lesionwise_metrics",
     "match_lesions",
     "voxel_counts",

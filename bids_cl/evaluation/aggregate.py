@@ -4,6 +4,9 @@
 * pooled: the score computed once from counts summed over images (each lesion weighs the same);
 * CI: percentile interval of `n_boot` bootstrap resamples of the images (with replacement, same
   size, seeded), plus the bootstrap standard error of the mean.
+
+Means average the per-image scores, computed with the run's 0/0 convention (``zero_division``);
+pooled scores, and their resamples, follow the same convention on the summed counts.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import pandas as pd
 
 from bids_cl.evaluation.metrics import (
     DEFAULT_NDSC_R,
+    DEFAULT_ZERO_DIVISION,
     DETECTED,
     FP,
     TP,
@@ -22,6 +26,7 @@ from bids_cl.evaluation.metrics import (
     LesionCounts,
     VoxelCounts,
     safe_ratio,
+    scores,
 )
 
 SCORE_NAMES = (
@@ -43,16 +48,16 @@ _BOOTSTRAP_CHUNK_VALUES = 4_000_000
 PooledFunction = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-def pooled_scores(sums: dict[str, np.ndarray], r: float = DEFAULT_NDSC_R) -> dict[str, np.ndarray]:
+def pooled_scores(
+    sums: dict[str, np.ndarray],
+    r: float = DEFAULT_NDSC_R,
+    zero_division: str = DEFAULT_ZERO_DIVISION,
+) -> dict[str, np.ndarray]:
     """Scores and counts from counts summed over images (arrays: one value per resample)."""
     lesions = LesionCounts(sums["tp"], sums["fp"], sums["usl"], sums["fn"], sums["n_gt"])
     voxels = VoxelCounts(sums["voxel_tp"], sums["voxel_fp"], sums["voxel_fn"], sums["n_voxels"])
-    out = {
-        "f1": lesions.f1(), "recall": lesions.recall(), "precision": lesions.precision(),
-        "usl_rate": lesions.usl_rate(), "dice": voxels.dice(), "ndsc": voxels.ndsc(r),
-        "voxel_tpr": voxels.tpr(), "voxel_fpr": voxels.fpr(), "voxel_fdr": voxels.fdr(),
-        "n_pred": lesions.n_pred,
-    }
+    out = scores(lesions, voxels, r=r, zero_division=zero_division)
+    out["n_pred"] = lesions.n_pred
     out.update({name: sums[name] for name in ("n_gt", "tp", "fp", "usl", "fn")})
     return out
 
@@ -127,13 +132,16 @@ def summarise(
     seed: int = 0,
     level: float = 0.95,
     r: float = DEFAULT_NDSC_R,
+    zero_division: str = DEFAULT_ZERO_DIVISION,
 ) -> pd.DataFrame:
     """The aggregate table of a set of images (rows of images.tsv).
 
-    WML rows use only the images that have a WML mask (wml_lesions not missing).
+    The per-image scores must have been computed with the same ``zero_division``. WML rows use
+    only the images that have a WML mask (wml_lesions not missing).
     """
     rows = _summary_rows(
-        images, SCORE_NAMES + COUNT_NAMES, POOLING_COLUMNS, lambda s: pooled_scores(s, r),
+        images, SCORE_NAMES + COUNT_NAMES, POOLING_COLUMNS,
+        lambda s: pooled_scores(s, r, zero_division),
         n_boot=n_boot, seed=seed, level=level,
     )
     if "wml_lesions" in images and images["wml_lesions"].notna().any():
@@ -164,13 +172,15 @@ def summarise_by(
     seed: int = 0,
     level: float = 0.95,
     r: float = DEFAULT_NDSC_R,
+    zero_division: str = DEFAULT_ZERO_DIVISION,
 ) -> pd.DataFrame:
     """Aggregate tables per value of each column (long format: by, group, metric, ...)."""
     parts = []
     for column in columns:
         keys = images[column].map(group_key)
         for group in sorted(keys.unique()):
-            table = summarise(images[keys == group], n_boot=n_boot, seed=seed, level=level, r=r)
+            table = summarise(images[keys == group], n_boot=n_boot, seed=seed, level=level, r=r,
+                              zero_division=zero_division)
             table.insert(0, "group", group)
             table.insert(0, "by", column)
             parts.append(table)

@@ -2,7 +2,7 @@
 
     bids_cl-evaluate OUT_DIR --reference REF_DERIVATIVES [--label CL]
         [--criterion iou_adj|iou|non_zero] [--threshold 0.25] [--connectivity 26]
-        [--by COLUMN ...] [--bootstrap N] [--seed S] [-o EVAL_DIR]
+        [--zero-division paper|strict] [--by COLUMN ...] [--bootstrap N] [--seed S] [-o EVAL_DIR]
 
 Pairs every native-space ``<prefix>_label-CL_mask.nii.gz`` of OUT_DIR with the reference
 ``<prefix>_label-<label>_mask.nii.gz`` of REF_DERIVATIVES and writes the tables and an HTML summary
@@ -36,12 +36,13 @@ from bids_cl.evaluation.aggregate import (
 )
 from bids_cl.evaluation.evaluate import NA, EvaluationSettings, evaluate_pair
 from bids_cl.evaluation.metrics import (
-    CONNECTIVITIES,
     CRITERIA,
-    DEFAULT_CONNECTIVITY,
     DEFAULT_CRITERION,
     DEFAULT_NDSC_R,
     DEFAULT_THRESHOLD,
+    DEFAULT_ZERO_DIVISION,
+    ZERO_DIVISION_RULES,
+    ZERO_DIVISIONS,
 )
 from bids_cl.evaluation.pairing import (
     find_participants_tsv,
@@ -50,6 +51,7 @@ from bids_cl.evaluation.pairing import (
     pair_masks,
 )
 from bids_cl.evaluation.report import aggregate_display, render_html
+from bids_cl.utils.components import CONNECTIVITIES, DEFAULT_CONNECTIVITY
 
 PROG = "bids_cl-evaluate"
 # Image-level columns that --by may name besides the participants.tsv columns.
@@ -80,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="score threshold in (0, 1] for iou_adj and iou (default 0.25)")
     parser.add_argument("--connectivity", type=int, choices=CONNECTIVITIES,
                         default=DEFAULT_CONNECTIVITY, help="lesion connectivity (default 26)")
+    parser.add_argument("--zero-division", choices=ZERO_DIVISIONS, default=DEFAULT_ZERO_DIVISION,
+                        help="values of the undefined (0/0) lesion-wise scores: paper (the "
+                             "reference metrics.py, default) or strict (recall 0 without TP "
+                             "and FN unless both masks are empty); named in settings.json")
     parser.add_argument("--by", nargs="+", default=[], metavar="COLUMN",
                         help="breakdowns by participants.tsv columns or by "
                              + ", ".join(IMAGE_GROUP_COLUMNS))
@@ -184,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = EvaluationSettings(
         criterion=args.criterion, threshold=args.threshold,
-        connectivity=args.connectivity, ndsc_r=args.ndsc_r,
+        connectivity=args.connectivity, ndsc_r=args.ndsc_r, zero_division=args.zero_division,
     )
     image_rows, lesion_tables = [], []
     for pair in pairs:
@@ -197,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
     images = add_participant_columns(pd.DataFrame(image_rows), participants)
     lesions = pd.concat([t for t in lesion_tables if len(t)] or lesion_tables, ignore_index=True)
 
-    stats = {"n_boot": args.bootstrap, "seed": args.seed, "r": args.ndsc_r}
+    stats = {"n_boot": args.bootstrap, "seed": args.seed, "r": args.ndsc_r,
+             "zero_division": args.zero_division}
     aggregate = summarise(images, **stats)
     groups = summarise_by(images, args.by, **stats) if args.by else None
     sizes = by_size(lesions, args.size_bins)
@@ -220,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
         "Threshold": args.threshold,
         "Connectivity": args.connectivity,
         "NDSC_r": args.ndsc_r,
+        "ZeroDivision": args.zero_division,
+        "ZeroDivisionRule": ZERO_DIVISION_RULES[args.zero_division],
         "Bootstrap": args.bootstrap,
         "Seed": args.seed,
         "SizeBins_uL": args.size_bins,
@@ -237,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"Evaluated {len(pairs)} image(s): criterion {args.criterion}"
           + (f" >= {args.threshold:g}" if args.criterion != "non_zero" else "")
-          + f", {args.connectivity}-connectivity, {args.bootstrap} bootstrap resamples")
+          + f", {args.connectivity}-connectivity, 0/0 convention {args.zero_division},"
+          f" {args.bootstrap} bootstrap resamples")
     print(aggregate_display(aggregate).to_string(index=False))
     if groups is not None:
         key = groups[groups["metric"].isin(["f1", "recall", "precision", "dice"])]

@@ -20,21 +20,24 @@ from scipy import ndimage
 
 from bids_cl.errors import EXIT_BAD_DATA, BidsClError
 from bids_cl.evaluation.metrics import (
-    DEFAULT_CONNECTIVITY,
     DEFAULT_CRITERION,
     DEFAULT_NDSC_R,
     DEFAULT_THRESHOLD,
+    DEFAULT_ZERO_DIVISION,
     LesionMatch,
-    label_centroids,
-    label_lesions,
     majority_partner,
     match_lesions,
-    overlap_pairs,
     safe_ratio,
     scores,
     voxel_counts,
 )
 from bids_cl.evaluation.pairing import Pair, sibling
+from bids_cl.utils.components import (
+    DEFAULT_CONNECTIVITY,
+    label_centroids,
+    label_components,
+    overlap_pairs,
+)
 
 TRUTH_DSEG_SUFFIX = "_desc-lesions_dseg.nii.gz"
 TRUTH_STATS_SUFFIX = "_desc-lesions_stats.tsv"
@@ -49,12 +52,13 @@ GRID_ATOL_MM = 1e-3
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    """How lesions are defined and matched."""
+    """How lesions are defined and matched, and which 0/0 convention the scores follow."""
 
     criterion: str = DEFAULT_CRITERION
     threshold: float = DEFAULT_THRESHOLD
     connectivity: int = DEFAULT_CONNECTIVITY
     ndsc_r: float = DEFAULT_NDSC_R
+    zero_division: str = DEFAULT_ZERO_DIVISION
 
 
 @dataclass
@@ -250,8 +254,8 @@ def evaluate_pair(
     gt_mask = np.asarray(reference) > 0
     voxel_volume_ul = float(np.prod(prediction.zooms))
 
-    pred_labels, n_pred = label_lesions(pred_mask, settings.connectivity)
-    gt_labels, n_gt = label_lesions(gt_mask, settings.connectivity)
+    pred_labels, n_pred = label_components(pred_mask, settings.connectivity)
+    gt_labels, n_gt = label_components(gt_mask, settings.connectivity)
     match = match_lesions(
         pred_labels, n_pred, gt_labels, n_gt,
         criterion=settings.criterion, threshold=settings.threshold,
@@ -282,7 +286,7 @@ def evaluate_pair(
     pred_table["on_wml"] = np.full(n_pred, None, object)
     if label != "WML" and wml_path.is_file():
         wml_data, _ = on_prediction_grid(wml_path, prediction, "WML mask", pair.prefix, warnings)
-        wml_labels, n_wml = label_lesions(np.asarray(wml_data) > 0, settings.connectivity)
+        wml_labels, n_wml = label_components(np.asarray(wml_data) > 0, settings.connectivity)
         wml_pairs = overlap_pairs(pred_labels, wml_labels)
         on_wml = np.zeros(n_pred, dtype=bool)
         on_wml[wml_pairs.a_id - 1] = True
@@ -314,7 +318,7 @@ def evaluate_pair(
         "fn": counts.fn,
         "detected": match.n_gt - counts.fn,
     })
-    image.update(scores(counts, voxels, r=settings.ndsc_r))
+    image.update(scores(counts, voxels, r=settings.ndsc_r, zero_division=settings.zero_division))
     image.update({
         "voxel_tp": voxels.tp,
         "voxel_fp": voxels.fp,

@@ -10,11 +10,20 @@ The definitions follow the paper's evaluation (docs/evaluation.md has them in fu
 * a GT lesion is a false negative (FN) only when no predicted voxel overlaps it.
 
 Everything is computed from one labelling per mask and the voxel counts of the (pred id, GT id)
-pairs of overlapping voxels, so the cost is a few whole-volume passes whatever the lesion count.
+pairs of overlapping voxels (bids_cl.utils.components), so the cost is a few whole-volume passes
+whatever the lesion count.
 
-Undefined ratios (0/0) follow one rule: a score where higher is better (F1, recall, precision,
-Dice, nDSC, TPR) is 1 when both masks are empty and 0 otherwise; an error rate (USL rate, FPR,
-FDR) is 0.
+Undefined ratios (0/0) follow a named convention (``zero_division``):
+
+* ``paper`` (default), the reference metrics.py: F1 = 1 (both masks empty), recall = 1 (no TP and
+  no FN: GT empty, or every GT lesion touched only by USLs), precision = 1 if FN = 0 else 0 and
+  USL rate = 0 if FN = 0 else 1 (no predicted lesion);
+* ``strict``: a 0/0 is perfect only when both masks are empty, otherwise the worst value; it
+  differs from ``paper`` in recall only (0 instead of 1 unless both masks are empty).
+
+Dice and nDSC are 1 when both masks are empty (both conventions, as the reference). Voxel TPR,
+FPR and FDR, which the reference leaves undefined (NaN) there, are 1 / 0 / 0 when both masks are
+empty; otherwise TPR without GT is 0, FPR with GT filling the image is 0, FDR without prediction 0.
 """
 
 from __future__ import annotations
@@ -22,16 +31,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+
+from bids_cl.utils.components import (
+    DEFAULT_CONNECTIVITY,
+    OverlapPairs,
+    best_iou,
+    label_components,
+    label_sizes,
+    overlap_pairs,
+)
 
 Number = float | np.ndarray  # scores take scalars, or arrays (one value per bootstrap resample)
 
-CONNECTIVITIES: tuple[int, ...] = (6, 18, 26)
 CRITERIA: tuple[str, ...] = ("iou_adj", "iou", "non_zero")
-DEFAULT_CONNECTIVITY = 26
 DEFAULT_CRITERION = "iou_adj"
 DEFAULT_THRESHOLD = 0.25
 DEFAULT_NDSC_R = 0.001
+# The 0/0 conventions of the lesion-wise scores, and what each gives (written to settings.json).
+ZERO_DIVISION_RULES: dict[str, str] = {
+    "paper": "the reference metrics.py: F1 = 1 when both masks are empty; recall = 1 when "
+             "TP + FN = 0; without predicted lesion, precision = 1 and USL rate = 0 if FN = 0, "
+             "else precision = 0 and USL rate = 1",
+    "strict": "as paper, except recall = 0 when TP + FN = 0 unless both masks are empty",
+}
+ZERO_DIVISIONS: tuple[str, ...] = tuple(ZERO_DIVISION_RULES)
+DEFAULT_ZERO_DIVISION = "paper"
 
 # Verdict strings used in the per-lesion tables.
 TP, FP, USL = "TP", "FP", "USL"
@@ -39,112 +63,8 @@ DETECTED, FN = "detected", "FN"
 
 
 # ------------------------------------------------------------------------------------------------
-# Labelling and overlap counting
+# Overlap counting (labelling, sizes, pair counts and plain IoU: bids_cl.utils.components)
 # ------------------------------------------------------------------------------------------------
-
-
-def structuring_element(connectivity: int) -> np.ndarray:
-    """The 3×3×3 neighbourhood for 6 (faces), 18 (faces+edges) or 26 (faces+edges+corners)."""
-    rank = {6: 1, 18: 2, 26: 3}.get(int(connectivity))
-    if rank is None:
-        raise ValueError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity!r}")
-    return ndimage.generate_binary_structure(3, rank)
-
-
-def foreground_bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Smallest box (slices) holding every non-zero voxel of a 3-D array; None when it is empty."""
-    box = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(np.any(mask, axis=others))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
-
-
-def label_lesions(
-    mask: np.ndarray, connectivity: int = DEFAULT_CONNECTIVITY
-) -> tuple[np.ndarray, int]:
-    """Connected components of a binary 3-D mask: (int32 labels 0..n, n).
-
-    Labels are numbered in raster (C) order of each component's first voxel, as scipy does.
-    Labelling runs on the foreground bounding box only (same numbering: cropping keeps the raster
-    order).
-    """
-    if mask.ndim != 3:
-        raise ValueError(f"expected a 3-D mask, got shape {mask.shape}")
-    # C order: scipy labels a Fortran-ordered array 2x slower (same numbering either way).
-    foreground = np.ascontiguousarray(np.asarray(mask) > 0)
-    labels = np.zeros(foreground.shape, dtype=np.int32)
-    box = foreground_bbox(foreground)
-    if box is None:
-        return labels, 0
-    cropped, n = ndimage.label(foreground[box], structure=structuring_element(connectivity))
-    labels[box] = cropped
-    return labels, int(n)
-
-
-def label_sizes(labels: np.ndarray, n_labels: int) -> np.ndarray:
-    """Voxel count of each label 1..n_labels (index i holds label i+1)."""
-    values = labels[labels > 0]  # only foreground voxels: far cheaper than a whole-volume bincount
-    return np.bincount(values, minlength=n_labels + 1)[1:].astype(np.int64)
-
-
-def label_centroids(labels: np.ndarray, n_labels: int) -> np.ndarray:
-    """Mean voxel index (i, j, k) of each label 1..n_labels: array (n_labels, 3), NaN if absent."""
-    coords = np.nonzero(labels)
-    ids = labels[coords]
-    counts = np.bincount(ids, minlength=n_labels + 1)[1:].astype(float)
-    out = np.full((n_labels, 3), np.nan)
-    present = counts > 0
-    for axis, coord in enumerate(coords):
-        sums = np.bincount(ids, weights=coord, minlength=n_labels + 1)[1:]
-        out[present, axis] = sums[present] / counts[present]
-    return out
-
-
-def flat_views(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """1-D views of two same-shape arrays with matching element order (copies only if needed).
-
-    Any order serves voxel-wise counting as long as both arrays use the same one; Fortran-ordered
-    pairs (as loaded from NIfTI) are flattened in memory order instead of being copied.
-    """
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
-    if a.flags.f_contiguous and b.flags.f_contiguous and not a.flags.c_contiguous:
-        return a.ravel(order="F"), b.ravel(order="F")
-    return a.reshape(-1), b.reshape(-1)
-
-
-@dataclass(frozen=True)
-class OverlapPairs:
-    """Voxel counts of every (a id, b id) pair that shares at least one voxel (ids ≥ 1)."""
-
-    a_id: np.ndarray  # int64
-    b_id: np.ndarray  # int64
-    voxels: np.ndarray  # int64, ≥ 1
-
-    def __len__(self) -> int:
-        return int(self.a_id.size)
-
-
-def overlap_pairs(a_labels: np.ndarray, b_labels: np.ndarray) -> OverlapPairs:
-    """Count overlapping voxels per pair of labels of two same-shape label images.
-
-    Only voxels labelled in both images are visited after one vectorised pass; each (a, b) pair is
-    encoded as one int64 key so that np.unique counts all pairs at once.
-    """
-    a_flat, b_flat = flat_views(a_labels, b_labels)
-    both = np.flatnonzero((a_flat > 0) & (b_flat > 0))
-    if both.size == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return OverlapPairs(empty, empty.copy(), empty.copy())
-    a = a_flat[both].astype(np.int64)
-    b = b_flat[both].astype(np.int64)
-    base = int(b.max()) + 1
-    keys, counts = np.unique(a * base + b, return_counts=True)
-    return OverlapPairs(keys // base, keys % base, counts.astype(np.int64))
 
 
 def majority_partner(pairs: OverlapPairs, n_a: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,11 +112,19 @@ def _score_if_undefined(both_empty: Number) -> Number:
     return _as_number(np.where(np.asarray(both_empty, dtype=bool), 1.0, 0.0))
 
 
+def check_zero_division(zero_division: str) -> str:
+    """The name of a 0/0 convention (`ZERO_DIVISIONS`); ValueError for any other."""
+    if zero_division not in ZERO_DIVISIONS:
+        raise ValueError(f"zero_division must be one of {ZERO_DIVISIONS}, got {zero_division!r}")
+    return zero_division
+
+
 @dataclass(frozen=True)
 class LesionCounts:
     """Lesion counts of one image, or summed over images (fields may be arrays for the bootstrap).
 
-    tp, fp, usl count predicted lesions; fn and n_gt count GT lesions.
+    tp, fp, usl count predicted lesions; fn and n_gt count GT lesions. The 0/0 cases follow
+    ``zero_division`` (module docstring); F1 and precision are the same under both conventions.
     """
 
     tp: Number
@@ -218,27 +146,32 @@ class LesionCounts:
     def both_empty(self) -> Number:
         return (np.asarray(self.n_pred) == 0) & (np.asarray(self.n_gt) == 0)
 
+    @property
+    def _no_fn(self) -> np.ndarray:
+        return np.asarray(self.fn) == 0
+
     def f1(self) -> Number:
         """2TP / (2TP + FP + USL + FN); 1 when both masks are empty (the only 0/0 case)."""
         num = 2 * np.asarray(self.tp)
         den = num + self.fp + self.usl + self.fn
-        return safe_ratio(num, den, _score_if_undefined(self.both_empty))
+        return safe_ratio(num, den, 1.0)
 
-    def recall(self) -> Number:
-        """TP / (TP + FN); 0/0 gives 1 when both masks are empty, else 0.
-
-        0/0 with lesions present happens when there is no GT (only FPs) or when every GT lesion is
-        touched only by USLs: in both cases nothing was found correctly, so 0.
-        """
-        return safe_ratio(self.tp, np.asarray(self.tp) + self.fn, _score_if_undefined(self.both_empty))
+    def recall(self, zero_division: str = DEFAULT_ZERO_DIVISION) -> Number:
+        """TP / (TP + FN). 0/0 (no GT lesion, or every GT lesion touched only by USLs): 1 under
+        ``paper``; under ``strict`` 1 only when both masks are empty, else 0."""
+        if check_zero_division(zero_division) == "paper":
+            undefined: Number = 1.0
+        else:
+            undefined = _score_if_undefined(self.both_empty)
+        return safe_ratio(self.tp, np.asarray(self.tp) + self.fn, undefined)
 
     def precision(self) -> Number:
-        """TP / (TP + FP + USL); no prediction gives 1 when GT is empty too, else 0 (paper)."""
-        return safe_ratio(self.tp, self.n_pred, _score_if_undefined(self.both_empty))
+        """TP / (TP + FP + USL); without predicted lesion 1 if FN = 0 (GT empty too), else 0."""
+        return safe_ratio(self.tp, self.n_pred, _as_number(np.where(self._no_fn, 1.0, 0.0)))
 
     def usl_rate(self) -> Number:
-        """USL / number of predicted lesions; 0 without predictions (no USL was made)."""
-        return safe_ratio(self.usl, self.n_pred, 0.0)
+        """USL / predicted lesions; without predicted lesion 0 if FN = 0 (GT empty too), else 1."""
+        return safe_ratio(self.usl, self.n_pred, _as_number(np.where(self._no_fn, 0.0, 1.0)))
 
 
 @dataclass(frozen=True)
@@ -420,20 +353,6 @@ def adjusted_iou(
     return safe_ratio(intersection, pred_voxels + uncovered_touched, 0.0)
 
 
-def best_single_iou(
-    pairs: OverlapPairs, pred_voxels: np.ndarray, gt_voxels: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Best plain IoU |P∩g| / |P∪g| of each predicted and each GT lesion (0 without overlap)."""
-    best_pred = np.zeros(pred_voxels.size)
-    best_gt = np.zeros(gt_voxels.size)
-    if len(pairs):
-        union = pred_voxels[pairs.a_id - 1] + gt_voxels[pairs.b_id - 1] - pairs.voxels
-        iou = pairs.voxels / union
-        np.maximum.at(best_pred, pairs.a_id - 1, iou)
-        np.maximum.at(best_gt, pairs.b_id - 1, iou)
-    return best_pred, best_gt
-
-
 def match_lesions(
     pred_labels: np.ndarray,
     n_pred: int,
@@ -443,7 +362,7 @@ def match_lesions(
     criterion: str = DEFAULT_CRITERION,
     threshold: float = DEFAULT_THRESHOLD,
 ) -> LesionMatch:
-    """Verdicts for labelled prediction and GT (outputs of `label_lesions`).
+    """Verdicts for labelled prediction and GT (outputs of `label_components`).
 
     criterion ``iou_adj`` thresholds IoU_adj, ``iou`` thresholds the best IoU with a single GT
     lesion (both: TP if score ≥ threshold, USL if it overlaps GT but scores below, FP if it
@@ -464,7 +383,7 @@ def match_lesions(
     gt_covered = gt_covered.astype(np.int64)
 
     iou_adj = adjusted_iou(pairs, pred_voxels, gt_voxels)
-    pred_best_iou, gt_best_iou = best_single_iou(pairs, pred_voxels, gt_voxels)
+    pred_best_iou, gt_best_iou = best_iou(pairs, pred_voxels, gt_voxels)
     touches_gt = pred_overlap > 0
     if criterion == "iou_adj":
         score = iou_adj
@@ -509,8 +428,8 @@ def lesionwise_metrics(
 ) -> LesionMatch:
     """Label both binary masks (non-zero = lesion) and match their lesions (`match_lesions`)."""
     _check_same_shape(pred_mask, gt_mask)
-    pred_labels, n_pred = label_lesions(pred_mask, connectivity)
-    gt_labels, n_gt = label_lesions(gt_mask, connectivity)
+    pred_labels, n_pred = label_components(pred_mask, connectivity)
+    gt_labels, n_gt = label_components(gt_mask, connectivity)
     return match_lesions(
         pred_labels, n_pred, gt_labels, n_gt, criterion=criterion, threshold=threshold
     )
@@ -531,19 +450,24 @@ def voxel_counts(pred_mask: np.ndarray, gt_mask: np.ndarray) -> VoxelCounts:
 
 
 def scores(
-    lesions: LesionCounts, voxels: VoxelCounts, *, r: float = DEFAULT_NDSC_R
-) -> dict[str, float]:
-    """All scalar scores of one image (or of pooled counts) as a flat dict."""
+    lesions: LesionCounts,
+    voxels: VoxelCounts,
+    *,
+    r: float = DEFAULT_NDSC_R,
+    zero_division: str = DEFAULT_ZERO_DIVISION,
+) -> dict[str, Number]:
+    """Every score of the counts by name: floats for one image's (or one pooled set of) counts,
+    arrays for arrays of counts (bootstrap resamples)."""
     return {
-        "f1": float(lesions.f1()),
-        "recall": float(lesions.recall()),
-        "precision": float(lesions.precision()),
-        "usl_rate": float(lesions.usl_rate()),
-        "dice": float(voxels.dice()),
-        "ndsc": float(voxels.ndsc(r)),
-        "voxel_tpr": float(voxels.tpr()),
-        "voxel_fpr": float(voxels.fpr()),
-        "voxel_fdr": float(voxels.fdr()),
+        "f1": lesions.f1(),
+        "recall": lesions.recall(zero_division),
+        "precision": lesions.precision(),
+        "usl_rate": lesions.usl_rate(),
+        "dice": voxels.dice(),
+        "ndsc": voxels.ndsc(r),
+        "voxel_tpr": voxels.tpr(),
+        "voxel_fpr": voxels.fpr(),
+        "voxel_fdr": voxels.fdr(),
     }
 
 
@@ -555,6 +479,7 @@ def evaluate_masks(
     criterion: str = DEFAULT_CRITERION,
     threshold: float = DEFAULT_THRESHOLD,
     r: float = DEFAULT_NDSC_R,
+    zero_division: str = DEFAULT_ZERO_DIVISION,
 ) -> dict[str, float]:
     """Counts and scores of one prediction against one GT: n_pred, n_gt, tp, fp, usl, fn, f1..."""
     match = lesionwise_metrics(
@@ -569,7 +494,7 @@ def evaluate_masks(
         "usl": counts.usl,
         "fn": counts.fn,
     }
-    out.update(scores(counts, voxel_counts(pred_mask, gt_mask), r=r))
+    out.update(scores(counts, voxel_counts(pred_mask, gt_mask), r=r, zero_division=zero_division))
     return out
 
 

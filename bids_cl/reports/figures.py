@@ -22,6 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy import ndimage
 
+from bids_cl.utils.components import label_components
 from bids_cl.utils.io import atomic_write
 
 AXES = ("axial", "coronal", "sagittal")
@@ -258,12 +259,6 @@ def plot_registration(template: Any, out_png: Path, *, moving: Any | None = None
     return save_figure(canvas.fig, out_png, palette=True)
 
 
-def _structure(connectivity: int) -> np.ndarray:
-    # 6/18/26-connectivity as in the engine's connected-component labelling.
-    rank = {6: 1, 18: 2, 26: 3}.get(int(connectivity), 3)
-    return ndimage.generate_binary_structure(3, rank)
-
-
 def _lesion_voxel(row: pd.Series, orig_affine: np.ndarray, canon_affine: np.ndarray
                   ) -> np.ndarray | None:
     """Canonical-grid voxel of a lesion centroid (world coordinates first, voxel indices second)."""
@@ -310,7 +305,7 @@ def lesion_crops(background: Any, mask: Any, lesions: pd.DataFrame, *, connectiv
     bg = np.asarray(resample_like(load_canonical(background), mask_img).dataobj,
                     dtype=np.float32)
     binary = np.asarray(mask_img.dataobj) > 0
-    labels, _ = ndimage.label(binary, structure=_structure(connectivity))
+    labels, _ = label_components(binary, connectivity)  # the engine's labelling
     boxes = ndimage.find_objects(labels)  # per-label bounding slices, computed once
     zooms = np.asarray(mask_img.header.get_zooms()[:3], dtype=float)
     half = np.maximum(np.ceil(half_width_mm / zooms), 4).astype(int)

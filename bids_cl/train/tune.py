@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from bids_cl.engine.postproc import min_size_in_voxels, remove_small_components
-from bids_cl.evaluation.metrics import LesionCounts, label_lesions, match_lesions
+from bids_cl.evaluation.metrics import LesionCounts, match_lesions
+from bids_cl.utils.components import label_components
 
 # The predecessor searched 0.30-0.65; confident false positives (docs/demo-model.md) call for higher values.
 THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.30 + 0.05 * i, 2) for i in range(14))  # 0.30 ... 0.95
@@ -45,9 +46,9 @@ def pooled_counts(cases: Iterable[tuple[np.ndarray, np.ndarray, float]], thresho
     thresholds, sizes = sorted({float(t) for t in thresholds}), sorted({float(s) for s in min_sizes_ul})
     totals = {(t, s): LesionCounts(tp=0, fp=0, usl=0, fn=0, n_gt=0) for t in thresholds for s in sizes}
     for probability, truth, voxel_ul in cases:
-        gt_labels, n_gt = label_lesions(truth > 0, connectivity)  # once per case, not per setting
+        gt_labels, n_gt = label_components(truth > 0, connectivity)  # once per case, not per setting
         for t in thresholds:
-            labels, n = label_lesions(probability > t, connectivity)
+            labels, n = label_components(probability > t, connectivity)
             by_voxels: dict[int, LesionCounts] = {}  # sizes that round to the same voxel count score once
             for s in sizes:
                 min_voxels = min_size_in_voxels((s, "ul"), voxel_ul) or 0
