@@ -2,11 +2,15 @@
 
 What a build would catch late (or a user on a cluster would meet): the shared install script not used,
 COPY/%files sources that do not exist, labels whose version is not the code's, env vars missing
-(offline TemplateFlow, telemetry, BIDS_CL_HOME), a root user, no entrypoint, shell syntax errors.
+(offline TemplateFlow, telemetry, BIDS_CL_HOME), a root user, no entrypoint, shell syntax errors,
+SynthStrip's weights not where bids_cl looks, a download step that ignores the site's CA bundle.
+The real build and runs are scripts/container-check.sh (docs/hpc.md); it needs root and buildah.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 import shlex
 import shutil
@@ -25,6 +29,10 @@ DEFFILE = ROOT / "Singularity.def"
 REQUIRED_ENV = {"NIPYPE_NO_ET": "1", "TEMPLATEFLOW_AUTOUPDATE": "0"}
 REQUIRED_ENV_NAMES = ("TEMPLATEFLOW_HOME", "BIDS_CL_HOME", "BIDS_CL_CONTAINER", "OMP_NUM_THREADS")
 INSTALL_SCRIPT = "scripts/install.sh"
+BUILD_ENV_SCRIPT = "scripts/container-build-env.sh"
+SYNTHSTRIP_PATH = "/freesurfer/models/synthstrip.1.pt"  # inside freesurfer/synthstrip
+FREESURFER_HOME = "/opt/freesurfer"  # in our images
+DIGEST = re.compile(r"freesurfer/synthstrip@sha256:[0-9a-f]{64}$")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,11 +89,26 @@ def _run_bodies(docker: list[tuple[str, str]]) -> list[str]:
     return [re.sub(r"^(--\S+\s+)+", "", body) for body in _all(docker, "RUN")]
 
 
+def _expand(text: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), ""), text)
+
+
+def _stages(docker: list[tuple[str, str]]) -> dict[str, str]:
+    """Stage name (or index) -> its FROM image, expanded with the ARGs before the first FROM."""
+    first_from = [kw for kw, _ in docker].index("FROM")
+    args: dict[str, str] = {}
+    for _, body in (inst for inst in docker[:first_from] if inst[0] == "ARG"):
+        args.update(docker_pairs(body))
+    stages = {}
+    for i, body in enumerate(_all(docker, "FROM")):
+        image, _, name = _expand(body, args).partition(" AS ")
+        stages[name.strip() or str(i)] = image.strip()
+    return stages
+
+
 def test_dockerfile_base_is_python311_slim(docker: list[tuple[str, str]]) -> None:
-    args = _merged(docker, "ARG")
-    base = _all(docker, "FROM")[0]
-    base = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), ""), base)
-    assert re.match(r"python:3\.11[\w.-]*-slim", base), base
+    final = list(_stages(docker).values())[-1]  # the image is the last stage
+    assert re.match(r"python:3\.11[\w.-]*-slim", final), final
 
 
 def test_dockerfile_installs_through_the_shared_script(docker: list[tuple[str, str]]) -> None:
@@ -103,7 +126,12 @@ def test_dockerfile_installs_through_the_shared_script(docker: list[tuple[str, s
 def test_dockerfile_copies_what_exists(docker: list[tuple[str, str]]) -> None:
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
+    stages = _stages(docker)
     for body in _all(docker, "COPY"):
+        origin = re.match(r"--from=(\S+)", body)
+        if origin:  # from another stage of this Dockerfile
+            assert origin.group(1) in stages, f"COPY --from={origin.group(1)}: no such stage"
+            continue
         *sources, _dest = [s for s in body.split() if not s.startswith("--")]
         for source in sources:
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
@@ -178,8 +206,118 @@ def test_dockerfile_shell_syntax(docker: list[tuple[str, str]]) -> None:
         assert proc.returncode == 0, f"{run}\n{proc.stderr}"
 
 
+def test_dockerfile_bakes_synthstrip_where_bids_cl_looks(docker: list[tuple[str, str]],
+                                                       tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from bids_cl.preproc.skullstrip import find_synthstrip_weights
+
+    stages = _stages(docker)
+    assert DIGEST.search(stages["synthstrip"]), stages["synthstrip"]  # pinned, not a tag
+    copies = [body for body in _all(docker, "COPY") if body.startswith("--from=synthstrip")]
+    assert len(copies) == 1
+    _flag, source, dest = copies[0].split()
+    assert source == SYNTHSTRIP_PATH
+    env = _merged(docker, "ENV")
+    assert env["FREESURFER_HOME"] == FREESURFER_HOME and dest.startswith(FREESURFER_HOME + "/")
+    # bids_cl finds the file at that place below $FREESURFER_HOME without --synthstrip-model.
+    fake = tmp_path / dest.lstrip("/")
+    fake.parent.mkdir(parents=True)
+    fake.write_bytes(b"weights")
+    monkeypatch.setenv("FREESURFER_HOME", str(tmp_path / FREESURFER_HOME.lstrip("/")))
+    assert find_synthstrip_weights() == fake
+    # Any UID reads it, and the labels say whose licence the weights are under.
+    assert 'chmod -R a+rX "${FREESURFER_HOME}"' in " ".join(_run_bodies(docker))
+    labels = _merged(docker, "LABEL")
+    assert "FreeSurfer" in labels["org.bids_cl.synthstrip.license"]
+    assert "LicenseRef-FreeSurfer" in labels["org.opencontainers.image.licenses"]
+    assert labels["org.bids_cl.synthstrip.image"] == "${SYNTHSTRIP_IMAGE}"
+
+
+def test_dockerfile_downloads_trust_the_site_ca(docker: list[tuple[str, str]]) -> None:
+    """Every step that may reach the network runs under container-build-env.sh with the CA secret."""
+    raw_runs = _all(docker, "RUN")
+    networked = [run for run in raw_runs
+                 if re.search(rf"{INSTALL_SCRIPT}|bids_cl-models install published\s*;|"
+                              r"\$\{EXTRA_TEMPLATE_SPACES\};", run)]
+    assert len(networked) == 3, networked
+    for run in networked:
+        assert "--mount=type=secret,id=ca_bundle" in run, run
+    body = re.sub(r"\s+", " ", " ".join(_run_bodies(docker)))
+    wrapper = f"sh /opt/bids_cl-src/{BUILD_ENV_SCRIPT}"
+    assert f"{wrapper} bash /opt/bids_cl-src/{INSTALL_SCRIPT}" in body
+    assert f"{wrapper} bids_cl-models install published;" in body
+    assert f'{wrapper} bids_cl-fetch-templates --tf-dir "${{TEMPLATEFLOW_HOME}}" ${{EXTRA' in body
+    args = _merged(docker, "ARG")
+    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_FIND_LINKS"):
+        assert name in args and args[name] == "", name  # declared, unset by default
+
+
+def _build_env(tmp_path: Path, ca: Path | None, command: str,
+               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    apt_dir = tmp_path / "apt.conf.d"
+    apt_dir.mkdir(exist_ok=True)
+    env = {"PATH": os.environ["PATH"], "BIDS_CL_APT_CONF_DIR": str(apt_dir),
+           "BIDS_CL_BUILD_CA": str(ca) if ca else str(tmp_path / "absent.pem"), **(extra_env or {})}
+    return subprocess.run(["sh", str(ROOT / BUILD_ENV_SCRIPT), "sh", "-c", command],
+                          capture_output=True, text=True, env=env)
+
+
+def test_build_env_trusts_the_extra_ca_and_removes_it(tmp_path: Path) -> None:
+    ca = tmp_path / "site-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nSITE\n-----END CERTIFICATE-----\n")
+    proc = _build_env(tmp_path, ca, 'for v in PIP_CERT SSL_CERT_FILE REQUESTS_CA_BUNDLE CURL_CA_BUNDLE; '
+                      'do eval "echo ENV:\\$v=\\$$v"; done; cat "$PIP_CERT"; cat "$APT_CONF_SEEN"/*',
+                      {"APT_CONF_SEEN": str(tmp_path / "apt.conf.d")})
+    assert proc.returncode == 0, proc.stderr
+    values = dict(line[4:].split("=", 1) for line in proc.stdout.splitlines()
+                  if line.startswith("ENV:"))
+    bundle = values["PIP_CERT"]
+    assert len(values) == 4 and all(value == bundle for value in values.values()), values
+    assert "SITE" in proc.stdout  # the site's CA is in the bundle pip, requests and curl read
+    assert f'Acquire::https::CAInfo "{bundle}";' in proc.stdout  # and apt
+    assert not Path(bundle).exists()  # nothing stays behind
+    assert list((tmp_path / "apt.conf.d").iterdir()) == []
+
+
+def test_build_env_without_ca_and_with_empty_pip_args(tmp_path: Path) -> None:
+    proc = _build_env(tmp_path, None, 'echo "cert=${PIP_CERT-unset} index=${PIP_INDEX_URL-unset} '
+                      'extra=${PIP_EXTRA_INDEX_URL-unset}"; exit 3',
+                      {"PIP_INDEX_URL": "", "PIP_EXTRA_INDEX_URL": "https://mirror.example/simple"})
+    assert proc.returncode == 3  # the command's own exit status
+    assert "cert=unset index=unset extra=https://mirror.example/simple" in proc.stdout
+    assert list((tmp_path / "apt.conf.d").iterdir()) == []
+
+
+def _standin_module():
+    spec = importlib.util.spec_from_file_location("synthstrip_standin",
+                                                  ROOT / "scripts" / "synthstrip_standin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_synthstrip_standin_loads_as_synthstrip_and_is_not_all_brain(tmp_path: Path) -> None:
+    """The container check's stand-in weights: FreeSurfer's format, a mask that is neither all nor none."""
+    torch = pytest.importorskip("torch")
+    model_module = pytest.importorskip("nipreps.synthstrip.model")
+    path = _standin_module().write_standin(tmp_path / "synthstrip.1.pt")
+    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    model = model_module.StripModel()
+    model.load_state_dict(checkpoint["model_state_dict"])  # strict: every tensor, right shapes
+    model.eval()
+    image = torch.zeros(1, 1, 64, 64, 64)
+    image[..., 16:48, 16:48, 16:48] = 1.0  # a bright "head" in air, as SynthStrip scales its input
+    with torch.no_grad():
+        sdt = model(image)[0, 0]
+    inside = sdt < 1.0  # nipreps-synthstrip's default 1 mm border
+    assert inside[32, 32, 32] and not inside[2, 2, 2]
+    assert 0.05 < float(inside.float().mean()) < 0.5
+
+
 # ------------------------------------------------------------------------------------------------
-# Singularity.def: header lines, then %sections; {{ ARG }} filled from %arguments.
+# Singularity.def: stages, each starting at a "Bootstrap:" line (as Apptainer splits them), with
+# header lines, then %sections ("%files from STAGE" is its own section); {{ ARG }} filled from the
+# stage's own %arguments, as Apptainer's templating does.
 
 
 def def_sections(text: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -187,7 +325,7 @@ def def_sections(text: str) -> tuple[dict[str, str], dict[str, str]]:
     sections: dict[str, list[str]] = {}
     current: str | None = None
     for line in text.splitlines():
-        match = re.match(r"^%(\w+)\s*$", line)
+        match = re.match(r"^%(\w+(?: from \w+)?)\s*$", line)
         if match:
             current = match.group(1)
             assert current not in sections, f"%{current} twice"
@@ -201,16 +339,37 @@ def def_sections(text: str) -> tuple[dict[str, str], dict[str, str]]:
     return header, {name: "\n".join(body) for name, body in sections.items()}
 
 
+def def_stages(text: str, build_args: dict[str, str] | None = None
+               ) -> list[tuple[dict[str, str], dict[str, str]]]:
+    """Each stage's header and sections, {{ ARG }} filled from build_args, else the stage's %arguments."""
+    chunks = re.split(r"(?mi)^(?=bootstrap:)", text)
+    assert not re.search(r"(?m)^[^#\s]", chunks[0]), "text before the first Bootstrap: line"
+    stages = []
+    for chunk in chunks[1:]:
+        header, sections = def_sections(chunk)
+        defaults = dict(line.strip().split("=", 1)
+                        for line in sections.get("arguments", "").splitlines() if line.strip())
+        defaults.update(build_args or {})
+
+        def fill(body: str, where: str, defaults: dict[str, str] = defaults) -> str:
+            filled = re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: defaults[m.group(1)], body)
+            assert "{{" not in filled, f"{where}: a {{{{ }}}} without an %arguments default"
+            return filled
+
+        header = {key: fill(value, key) for key, value in header.items()}
+        stages.append((header, {name: fill(body, f"%{name}") for name, body in sections.items()}))
+    return stages
+
+
 @pytest.fixture(scope="module")
-def singularity() -> tuple[dict[str, str], dict[str, str]]:
-    header, sections = def_sections(DEFFILE.read_text())
-    defaults = dict(line.strip().split("=", 1) for line in sections.get("arguments", "").splitlines()
-                    if line.strip())
-    filled = {}
-    for name, body in sections.items():
-        filled[name] = re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: defaults[m.group(1)], body)
-        assert "{{" not in filled[name], f"%{name}: a {{{{ }}}} without an %arguments default"
-    return header, filled
+def def_all_stages() -> list[tuple[dict[str, str], dict[str, str]]]:
+    return def_stages(DEFFILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def singularity(def_all_stages: list[tuple[dict[str, str], dict[str, str]]]
+                ) -> tuple[dict[str, str], dict[str, str]]:
+    return def_all_stages[-1]  # the image is the last stage
 
 
 def test_def_bootstrap(singularity: tuple[dict[str, str], dict[str, str]]) -> None:
@@ -222,6 +381,46 @@ def test_def_bootstrap(singularity: tuple[dict[str, str], dict[str, str]]) -> No
         assert re.match(r"python:3\.11[\w.-]*-slim", header["From"])
         assert f"bash /opt/bids_cl-src/{INSTALL_SCRIPT} --venv" in sections["post"]
         assert not re.search(r"\bpip3? install\b", sections["post"])
+
+
+def test_def_bakes_synthstrip_where_bids_cl_looks(
+    def_all_stages: list[tuple[dict[str, str], dict[str, str]]]
+) -> None:
+    names = [header.get("Stage") for header, _ in def_all_stages]
+    assert names == ["synthstrip", "final"]
+    ss_header = def_all_stages[0][0]
+    assert ss_header["Bootstrap"] == "docker" and DIGEST.search(ss_header["From"]), ss_header
+    header, sections = def_all_stages[-1]
+    lines = [line.split() for line in sections["files from synthstrip"].splitlines() if line.strip()]
+    assert lines == [[SYNTHSTRIP_PATH, f"{FREESURFER_HOME}/models/synthstrip.1.pt"]]
+    assert f"export FREESURFER_HOME={FREESURFER_HOME}" in sections["environment"]
+    assert f"FREESURFER_HOME={FREESURFER_HOME}" in sections["post"]
+    assert 'test -s "$FREESURFER_HOME/models/synthstrip.1.pt"' in sections["post"]
+    labels = dict(line.strip().split(None, 1) for line in sections["labels"].splitlines()
+                  if line.strip())
+    assert "FreeSurfer" in labels["org.bids_cl.synthstrip.license"]
+    assert labels["org.bids_cl.synthstrip.image"] == ss_header["From"]  # the same default
+
+
+def test_def_downloads_trust_the_site_ca(singularity: tuple[dict[str, str], dict[str, str]],
+                                        tmp_path: Path) -> None:
+    post = singularity[1]["post"]
+    # %setup (on the build host) copies --build-arg CA_BUNDLE into the root filesystem, and only then.
+    ca = tmp_path / "site-ca.pem"
+    ca.write_text("SITE CA\n")
+    for build_args, expected in (({}, False), ({"CA_BUNDLE": str(ca)}, True)):
+        rootfs = tmp_path / f"rootfs{len(build_args)}"
+        (rootfs / "tmp").mkdir(parents=True)
+        setup = def_stages(DEFFILE.read_text(), build_args)[-1][1]["setup"]
+        proc = subprocess.run(["sh", "-e", "-c", setup], capture_output=True, text=True,
+                              env={"PATH": os.environ["PATH"], "APPTAINER_ROOTFS": str(rootfs)})
+        assert proc.returncode == 0, proc.stderr
+        assert (rootfs / "tmp" / "bids_cl-build-ca.pem").is_file() == expected
+    assert "export BIDS_CL_BUILD_CA=/tmp/bids_cl-build-ca.pem" in post
+    assert f'net="sh /opt/bids_cl-src/{BUILD_ENV_SCRIPT}"' in post
+    assert f"$net bash /opt/bids_cl-src/{INSTALL_SCRIPT} --venv" in post
+    assert "$net bids_cl-models install published" in post
+    assert 'rm -f "$BIDS_CL_BUILD_CA"' in post
 
 
 def test_def_files_exist(singularity: tuple[dict[str, str], dict[str, str]]) -> None:
