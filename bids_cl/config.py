@@ -1,7 +1,10 @@
-"""The run configuration: one object that the parser fills and the workflow reads.
+"""The run configuration: what the user asked for (:class:`RunConfig`, frozen, filled once by the parser)
+and what this run resolved it to on this machine (:class:`ResolvedRun`: the device, threads, memory, the
+verified model).
 
-It is saved as TOML next to every participant's outputs (``sub-X/log/<run_uuid>/bids_cl.toml``) so a run
-can be inspected and repeated exactly (``--config-file``).
+Both are saved as TOML next to every participant's outputs (``sub-X/log/<run_uuid>/bids_cl.toml``): the
+``[bids_cl]`` section holds the request and is what ``--config-file`` reloads, so a saved ``device = "auto"``
+run on a GPU node uses the GPU even when the first run found none; ``[resolved]`` records what was used.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ def _new_run_uuid() -> str:
     return f"{stamp}_{uuid.uuid4().hex[:8]}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    """Every setting of one bids_cl invocation (paths are absolute once parsed)."""
+    """Every setting of one bids_cl invocation as the user asked for it (paths absolute once parsed)."""
 
     bids_dir: Path
     output_dir: Path
@@ -82,14 +85,17 @@ class RunConfig:
             out[f.name] = _plain(value)
         return out
 
-    def to_toml(self) -> str:
-        """TOML text of this configuration; unset (None) options are written as comments."""
-        return dict_to_toml({"bids_cl": self.to_dict()})
+    def to_toml(self, resolved: ResolvedRun | None = None) -> str:
+        """TOML text of this configuration (and what a run resolved it to); unset options are comments."""
+        sections = {"bids_cl": self.to_dict()}
+        if resolved is not None:
+            sections["resolved"] = resolved.to_dict()
+        return dict_to_toml(sections)
 
-    def save(self, path: Path) -> Path:
+    def save(self, path: Path, resolved: ResolvedRun | None = None) -> Path:
         from bids_cl.utils.io import atomic_write_text
 
-        return atomic_write_text(Path(path), self.to_toml())
+        return atomic_write_text(Path(path), self.to_toml(resolved))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -98,18 +104,46 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-        return cls.from_dict(data.get("bids_cl", data))
+        """The request saved in ``path`` (its ``[bids_cl]`` section; ``[resolved]`` is a record only).
+
+        Invalid TOML is a usage error (exit 64), one line.
+        """
+        from bids_cl.errors import EXIT_USAGE, BidsClError
+
+        try:
+            with open(path, "rb") as handle:
+                data = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise BidsClError(f"--config-file {path} is not valid TOML ({exc})", EXIT_USAGE) from None
+        section = data.get("bids_cl")
+        if not isinstance(section, dict):
+            raise BidsClError(f"--config-file {path} has no [bids_cl] section (is it a bids_cl.toml?)",
+                              EXIT_USAGE)
+        return cls.from_dict(section)
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """What one run made of its :class:`RunConfig` on this machine (never reloaded by --config-file)."""
+
+    device: str                 # "cpu" | "cuda": what --device auto found
+    nprocs: int                 # processes at once (option, else the Slurm allocation / usable CPUs)
+    omp_nthreads: int           # threads per process
+    mem_mb: int | None          # memory budget for the scheduler
+    model: str                  # the verified model folder the segmentation nodes load
+    random_seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def environment(self) -> dict[str, str]:
         """Environment variables that every process of this run should see."""
-        env = {"NIPYPE_NO_ET": "1", "NO_ET": "1"}
-        if self.omp_nthreads:
-            env["OMP_NUM_THREADS"] = str(self.omp_nthreads)
-            env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.omp_nthreads)
-        env["ANTS_RANDOM_SEED"] = str(self.random_seed)
-        return env
+        return {
+            "NIPYPE_NO_ET": "1", "NO_ET": "1",
+            "OMP_NUM_THREADS": str(self.omp_nthreads),
+            "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(self.omp_nthreads),
+            "ANTS_RANDOM_SEED": str(self.random_seed),
+        }
 
     def apply_environment(self) -> None:
         os.environ.update(self.environment())

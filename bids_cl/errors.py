@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_VALIDATION = 16
@@ -11,6 +13,7 @@ EXIT_USAGE = 64
 EXIT_BAD_DATA = 65
 EXIT_MISSING_INPUT = 66
 EXIT_CANNOT_CREATE_OUTPUT = 73
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT (128 + 2)
 
 EXIT_CODE_MEANINGS = {
     EXIT_OK: "success",
@@ -22,7 +25,12 @@ EXIT_CODE_MEANINGS = {
     EXIT_BAD_DATA: "input data unusable (corrupt, empty, wrong dimensionality)",
     EXIT_MISSING_INPUT: "a required input is missing",
     EXIT_CANNOT_CREATE_OUTPUT: "cannot create the output",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
+
+
+# errno values that mean "this output cannot be written here" rather than a bug.
+_CANNOT_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 class BidsClError(Exception):
@@ -35,3 +43,15 @@ class BidsClError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def output_error(exc: OSError) -> BidsClError | None:
+    """``BidsClError(73)`` naming the file and the folder when ``exc`` means the output cannot be written
+    (disk full, quota, read-only, permission); None for other OS errors."""
+    if exc.errno not in _CANNOT_WRITE_ERRNOS:
+        return None
+    import os
+
+    name = exc.filename or ""
+    where = f" {name} (in {os.path.dirname(os.fspath(name)) or '.'})" if name else ""
+    return BidsClError(f"cannot write{where}: {exc.strerror or exc}", EXIT_CANNOT_CREATE_OUTPUT)

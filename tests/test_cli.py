@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -192,14 +193,68 @@ def test_graph_plugins_are_refused(mp2rage_dataset: Path, tmp_path: Path) -> Non
     assert err.value.code == 64 and "poll_sleep_duration" in err.value.message
 
 
-def test_exit_1_unexpected_failure(tmp_path: Path) -> None:
-    """A failure that fits no other code (here: a Nipype plugin that does not exist) exits 1."""
+def test_unknown_plugin_is_a_usage_error_before_any_work(tmp_path: Path) -> None:
+    """A Nipype plugin that does not exist was exit 1 after preflight; it is a bad option (64), one line."""
     root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": None})
     plugin = tmp_path / "plugin.yml"
     plugin.write_text("plugin: NoSuchPlugin\nplugin_args: {}\n")
     proc = run_cli(root, tmp_path / "out", "participant", "--skip-bids-validation", "--model",
                    "demo", "--output-spaces", "native", "--use-plugin", plugin,
                    "-w", tmp_path / "work")
-    assert proc.returncode == 1, proc.stderr
-    assert "sub-01 failed" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 64, proc.stderr
+    assert "no plugin named 'NoSuchPlugin'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("spelling", [["-w", "{new}"], ["--work-dir", "{new}"], ["--work-dir={new}"]])
+def test_config_file_never_beats_the_command_line_work_dir(mp2rage_dataset: Path, tmp_path: Path,
+                                                            spelling: list[str]) -> None:
+    saved = parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant",
+                        "-w", str(tmp_path / "old_work")]).save(tmp_path / "run.toml")
+    new = tmp_path / "new_work"
+    config = parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant",
+                         "--config-file", str(saved), *[a.format(new=new) for a in spelling]])
+    assert config.work_dir == new  # the old code ran in old_work: '-w' is not the field name
+
+
+def test_config_file_never_beats_any_spelling(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    """Every alias of an option wins over the file: --nthreads, --mem, --nipype-plugin-file, -v."""
+    plugin_old, plugin_new = tmp_path / "old.yml", tmp_path / "new.yml"
+    plugin_old.write_text("plugin: MultiProc\nplugin_args: {n_procs: 1}\n")
+    plugin_new.write_text("plugin: Linear\nplugin_args: {}\n")
+    first = parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant", "--nprocs", "1",
+                        "--mem-mb", "64000", "--use-plugin", str(plugin_old), "--threshold", "0.3"])
+    saved = first.save(tmp_path / "run.toml")
+    second = parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant",
+                         "--config-file", str(saved), "--nthreads", "2", "--mem", "4000",
+                         "--nipype-plugin-file", str(plugin_new), "-vv"])
+    assert (second.nprocs, second.mem_mb, second.verbose) == (2, 4000, 2)
+    assert (second.use_plugin, second.plugin, second.plugin_args) == (plugin_new, "Linear", {})
+    assert second.threshold == 0.3  # what the command line did not give still comes from the file
+
+
+def test_saved_config_keeps_the_requested_device(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    """A run on a CPU node saved device = "cpu", so its config pinned the CPU on a GPU node."""
+    from bids_cl.config import ResolvedRun
+
+    config = parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant"])
+    resolved = ResolvedRun(device="cpu", nprocs=2, omp_nthreads=1, mem_mb=4000, model="demo",
+                           random_seed=config.random_seed)
+    saved = config.save(tmp_path / "bids_cl.toml", resolved)
+    text = saved.read_text()
+    assert '[resolved]\ndevice = "cpu"' in text
+    assert RunConfig.load(saved).device == "auto" and RunConfig.load(saved).nprocs is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.device = "cpu"  # type: ignore[misc]
+    again = parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant",
+                        "--config-file", str(saved)])
+    assert again.device == "auto"
+
+
+def test_invalid_config_file_is_a_usage_error(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[bids_cl\nthreshold = ")
+    proc = run_cli(mp2rage_dataset, tmp_path / "out", "participant", "--config-file", bad)
+    assert proc.returncode == 64 and "not valid TOML" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

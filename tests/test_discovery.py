@@ -19,7 +19,11 @@ from bids_cl.utils.bids import (
 
 
 def _discover(root: Path, **kwargs):
-    return discover(make_layout(root), **kwargs)
+    return discover(make_layout(root), **kwargs).items
+
+
+def _problems(root: Path, **kwargs):
+    return discover(make_layout(root), **kwargs).problems
 
 
 def test_unit1_with_inversions_ignores_phase_parts(mp2rage_dataset: Path) -> None:
@@ -96,9 +100,10 @@ def test_zero_byte_image_is_flagged_not_crashing(tmp_path: Path) -> None:
     root = write_bids(tmp_path / "bids", {
         "sub-01/anat/sub-01_T1w.nii.gz": {"__empty__": True},
     })
-    (item,) = _discover(root)
-    assert item.problem_code == 65
-    assert "0-byte" in item.problem
+    assert _discover(root) == []
+    (problem,) = _problems(root)
+    assert problem.problem_code == 65
+    assert "0-byte" in problem.problem and problem.target.endswith("sub-01_T1w.nii.gz")
 
 
 def test_participant_without_t1_weighted_image(tmp_path: Path) -> None:
@@ -106,9 +111,10 @@ def test_participant_without_t1_weighted_image(tmp_path: Path) -> None:
         "sub-01/anat/sub-01_T1w.nii.gz": None,
         "sub-02/anat/sub-02_FLAIR.nii.gz": None,
     })
-    items = {i.participant: i for i in _discover(root)}
-    assert items["01"].problem is None
-    assert items["02"].problem_code == 66
+    assert [i.participant for i in _discover(root)] == ["01"]
+    (problem,) = _problems(root)
+    # No placeholder target: the participant without an image is a problem, not a WorkItem.
+    assert (problem.participant, problem.problem_code, problem.target) == ("02", 66, None)
     with pytest.raises(BidsClError) as err:
         _discover(root, participant_label=["02"])
     assert err.value.code == 66

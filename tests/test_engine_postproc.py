@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bids_cl.derivatives.records import SegmentationRecord
 from bids_cl.engine.lesions import (
     LESION_COLUMNS,
     fold_uncertainty,
@@ -119,11 +120,16 @@ def test_lesion_table_columns_and_values() -> None:
     assert voxel_volume_ul(affine) == pytest.approx(1.0)
     empty = lesion_table(np.zeros((4, 4, 4), np.int32), 0, np.zeros((4, 4, 4)), np.eye(4))
     assert list(empty.columns) == LESION_COLUMNS and len(empty) == 0
-    summary = summarize(table, threshold=0.5, connectivity=26, min_lesion_size="3uL", min_voxels=3,
-                        provenance={"name": "x"}, ood_warning=None)
+    record = SegmentationRecord(
+        threshold=0.5, threshold_source="default", connectivity=26, min_lesion_size="3uL",
+        min_lesion_size_source="user", min_lesion_size_voxels=3, folds=[0], tta=False, device="cpu",
+        fast_path=True, threads=1, precision="fp32", orientation={"input": "RAS", "model": "RAS"},
+        tiles_run=1, tiles_total=1, ood_warning=None, warnings=[], provenance={"name": "x"}, timings={})
+    summary = summarize(table, record)
     for key in ("LesionCount", "TotalVolume_uL", "MedianVolume_uL", "OODWarning", "Threshold",
                 "Connectivity", "MinLesionSize", "Model"):
         assert key in summary
+    assert summary["Threshold"] == 0.5 and summary["MinLesionSizeVoxels"] == 3
     assert summary["LesionCount"] == 2 and summary["TotalVolume_uL"] == pytest.approx(5.0)
     assert summary["MedianVolume_uL"] == pytest.approx(2.5)
 

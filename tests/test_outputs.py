@@ -10,11 +10,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_cl.config import RunConfig
+from bids_cl.config import ResolvedRun, RunConfig
+from bids_cl.derivatives import spec
+from bids_cl.derivatives import writer as outputs
+from bids_cl.derivatives.records import SegmentationRecord, SkullStripRecord
 from bids_cl.utils.bids import WorkItem
 from bids_cl.utils.io import atomic_write
-from bids_cl.workflows import outputs
-from bids_cl.workflows.base import init_bids_cl_wf
+from bids_cl.workflows.base import collect_methods, init_bids_cl_wf
+
+SKULLSTRIP = SkullStripRecord(strategy="inv2", detail="deepbet on INV2", warnings=["w"], used_inv2=True)
+SEGMENTATION = SegmentationRecord(
+    threshold=0.5, threshold_source="default", connectivity=26, min_lesion_size=None,
+    min_lesion_size_source="default", min_lesion_size_voxels=None, folds=[0], tta=False, device="cpu",
+    fast_path=True, threads=1, precision="fp32", orientation={"input": "RAS", "model": "RAS"},
+    tiles_run=1, tiles_total=1, ood_warning=None, warnings=["phantoms"],
+    provenance={"name": "demo", "warning": "phantoms"}, timings={"predict": 1.0})
 
 
 def _item(tmp_path: Path) -> WorkItem:
@@ -52,10 +62,8 @@ def test_write_target_derivatives_names_and_sidecars(tmp_path: Path) -> None:
     outputs.write_dataset_description(out, tmp_path / "bids", {"name": "demo"})
     written = outputs.write_target_derivatives(
         out, tmp_path / "bids", item, brain=files["brain"], brain_mask=files["mask"],
-        skullstrip_info={"strategy": "inv2", "detail": "deepbet on INV2", "warnings": ["w"]},
-        probseg=files["prob"], lesion_mask=files["lesion"], lesions_tsv=files["tsv"],
-        segment_info={"provenance": {"name": "demo", "warning": "phantoms"}, "threshold": 0.5,
-                      "connectivity": 26, "summary": {"OODWarning": None}},
+        skullstrip=SKULLSTRIP, probseg=files["prob"], lesion_mask=files["lesion"],
+        lesions_tsv=files["tsv"], segmentation=SEGMENTATION,
     )
     anat = out / "sub-01" / "ses-02" / "anat"
     names = sorted(p.name for p in anat.iterdir())
@@ -77,6 +85,9 @@ def test_write_target_derivatives_names_and_sidecars(tmp_path: Path) -> None:
     assert summary["LesionCount"] == 1
     assert summary["FieldStrength"] == 7.0
     assert summary["Sequence"] == "MP2RAGE"
+    # The summary has exactly the contract's keys, in its order; timings stay out of derivatives.
+    assert list(summary) == list(spec.SUMMARY_FIELDS)
+    assert summary["Warnings"] == ["w", "phantoms"] and summary["Threshold"] == 0.5
     mask = nib.load(anat / "sub-01_ses-02_label-CL_mask.nii.gz")
     assert mask.get_data_dtype() == np.uint8
     assert np.allclose(mask.affine, np.diag([0.75, 0.75, 0.75, 1.0]))
@@ -87,10 +98,8 @@ def test_write_target_derivatives_names_and_sidecars(tmp_path: Path) -> None:
     before = {p.name: p.read_bytes() for p in anat.iterdir()}
     outputs.write_target_derivatives(
         out, tmp_path / "bids", item, brain=files["brain"], brain_mask=files["mask"],
-        skullstrip_info={"strategy": "inv2", "detail": "deepbet on INV2", "warnings": ["w"]},
-        probseg=files["prob"], lesion_mask=files["lesion"], lesions_tsv=files["tsv"],
-        segment_info={"provenance": {"name": "demo", "warning": "phantoms"}, "threshold": 0.5,
-                      "connectivity": 26, "summary": {"OODWarning": None}},
+        skullstrip=SKULLSTRIP, probseg=files["prob"], lesion_mask=files["lesion"],
+        lesions_tsv=files["tsv"], segmentation=SEGMENTATION,
     )
     assert {p.name: p.read_bytes() for p in anat.iterdir()} == before
 
@@ -114,10 +123,24 @@ def test_workflow_graph_has_a_branch_per_session_and_target(tmp_path: Path) -> N
     second = WorkItem.from_dict({**item.to_dict(), "session": "03", "prefix": "sub-01_ses-03"})
     config = RunConfig(bids_dir=tmp_path / "bids", output_dir=tmp_path / "out",
                        work_dir=tmp_path / "work", model="demo")
-    workflow = init_bids_cl_wf(config, [item, second])
+    resolved = ResolvedRun(device="cpu", nprocs=1, omp_nthreads=1, mem_mb=None, model="demo",
+                           random_seed=config.random_seed)
+    workflow = init_bids_cl_wf(config=config, resolved=resolved, items=[item, second])
     names = {node.name for node in workflow._graph.nodes()}  # noqa: SLF001 - nipype internals
     assert names == {"single_subject_01_wf"}
     flat = {n.fullname for n in workflow._get_all_nodes()}  # noqa: SLF001
     assert any("target_sub_01_ses_02_wf.segment" in n for n in flat)
     assert any("target_sub_01_ses_03_wf.segment" in n for n in flat)
     assert any("template_wf.register" in n for n in flat)
+    # Every node writes Nipype's crash files into this run's log (not the current directory), and
+    # records its target's outcome there; the record path is not part of Nipype's hash.
+    crash_dir = str(spec.log_dir(config.output_dir, "01", config.run_uuid) / spec.NIPYPE_CRASH_DIR)
+    for node in workflow._get_all_nodes():  # noqa: SLF001
+        assert node.config["execution"]["crashdump_dir"] == crash_dir, node.fullname
+    segment = next(n for n in workflow._get_all_nodes() if n.fullname.endswith("ses_02_wf.segment"))  # noqa: SLF001
+    assert segment.inputs.record_file.endswith("/targets/sub-01_ses-02.json")
+    assert "record_file" not in dict(segment.inputs.get_hashval()[0])
+    # The methods text: every workflow's paragraph once, outermost first.
+    methods = collect_methods(workflow)
+    assert methods[0].startswith("Cortical lesions were segmented with bids_cl")
+    assert any("antspyx" in m for m in methods) and len(methods) == len(set(methods)) == 4

@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bids_cl.derivatives.reader import collect_targets, participant_status
 from bids_cl.reports import generate_participant_report, generate_reports
 from bids_cl.reports.browser import find_chromium, render_check
-from bids_cl.reports.collect import collect_targets, participant_status
 from bids_cl.reports.figures import lesion_crops
 from bids_cl.reports.testing import SPACE, FakeDataset, make_fake_derivatives
 

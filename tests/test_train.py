@@ -89,8 +89,7 @@ def test_find_cases_pairs_images_with_masks(tiny: tuple[Path, Path], tmp_path: P
 
 
 def _seen_by_inference(root: Path) -> list[tuple]:
-    items = discover(make_layout(root))
-    return [(i.prefix, i.target, i.sequence, i.inv2) for i in items if i.problem is None]
+    return [(i.prefix, i.target, i.sequence, i.inv2) for i in discover(make_layout(root)).items]
 
 
 def _seen_by_training(cases: list) -> list[tuple]:

@@ -8,16 +8,19 @@ lesion-wise metrics, and prints where everything is.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from bids_cl.derivatives import spec
+from bids_cl.derivatives.reader import collect_targets, output_participants
+from bids_cl.utils.cli import UsageParser, run_command
 
 DEMO_WARNING = ("The demo model was trained on synthetic phantoms: not for clinical or research use; "
                 "install the published model for real data (bids_cl-models install published).")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bids_cl-demo", description=__doc__.splitlines()[0])
+    parser = UsageParser(prog="bids_cl-demo", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder for the phantom dataset and outputs")
     parser.add_argument("--participants", type=int, default=2)
     parser.add_argument("--sessions", type=int, default=1)
@@ -30,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``bids_cl-demo``; returns the exit code."""
+    return run_command("bids_cl-demo", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from bids_cl.cli.run import main as bids_cl_main
     from bids_cl.synth import generate_dataset
@@ -61,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
                    "-o", str(out / "evaluation")])
     print()
     print("Lesion counts (bids_cl vs phantom truth):")
-    for summary_path in sorted(derivatives.glob("sub-*/**/anat/*_label-CL_desc-summary_stats.json")):
-        summary = json.loads(summary_path.read_text())
-        prefix = summary_path.name.replace("_label-CL_desc-summary_stats.json", "")
-        truth = _truth_count(bids_dir, summary_path.parent.relative_to(derivatives), prefix)
-        print(f"  {prefix:40s} found {summary['LesionCount']:3d}   truth {truth}")
+    for participant in output_participants(derivatives):
+        for target in collect_targets(derivatives, participant):
+            truth = _truth_count(bids_dir, target.anat_dir.relative_to(derivatives), target.prefix)
+            print(f"  {target.prefix:40s} found {target.summary['LesionCount']:3d}   truth {truth}")
     print()
     print(f"Derivatives:          {derivatives}")
-    print(f"Participant reports:  {derivatives}/sub-*.html")
+    print(f"Participant reports:  {derivatives}/{spec.report_name('*')}")
+    print(f"Methods text to cite: {derivatives / spec.CITATION_NAME}")
     print(f"Group summary:        {derivatives / 'group.html'}")
     print(f"Evaluation vs truth:  {out / 'evaluation'}")
     print(DEMO_WARNING)

@@ -6,6 +6,7 @@ Parsing only: nothing here touches the dataset beyond checking that paths exist.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,7 @@ from bids_cl.config import (
     coerce_field,
 )
 from bids_cl.errors import EXIT_UNKNOWN_LEVEL, EXIT_USAGE, BidsClError
-
-# Options whose feature does not exist yet: parsed and stored, then refused with exit 64 so that a
-# user never believes a setting was applied when it was not. Empty once every feature has landed.
-NOT_IMPLEMENTED: dict[str, Any] = {}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with the BIDS-Apps usage exit code (64) and one-line errors."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise BidsClError(f"{message} (see bids_cl --help)", EXIT_USAGE)
+from bids_cl.utils.cli import UsageParser
 
 
 def _positive_int(text: str) -> int:
@@ -56,7 +47,7 @@ def _min_size(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog="bids_cl",
         description=(
             "bids_cl: cortical lesion segmentation for multiple sclerosis on T1-weighted MRI "
@@ -149,17 +140,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _merge_config_file(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    """Values of --config-file, overridden by options given on the command line."""
-    if args.config_file is None:
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations (RunConfig field names) of the options present on the command line.
+
+    Whatever spelling the user typed (``-w``, ``--nthreads``, ``--mem``, ``--nipype-plugin-file``,
+    ``-vv``), argparse maps it to one destination; parsing again with every default suppressed leaves
+    exactly the destinations the command line set.
+    """
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:  # argparse has no public list of its actions
+        if action.dest not in ("help", "version"):
+            action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+# Fields of a saved configuration that belong to the run that saved it, never to the next one.
+_NOT_RELOADED = ("run_uuid", "version", "bids_dir", "output_dir", "analysis_level", "config_file")
+
+
+def _config_file_values(path: Path | None, given: set[str]) -> dict[str, Any]:
+    """Values of --config-file for every option the command line did not give."""
+    if path is None:
         return {}
-    if not args.config_file.is_file():
-        raise BidsClError(f"--config-file {args.config_file} does not exist", EXIT_USAGE)
-    base = RunConfig.load(args.config_file).to_dict()
-    for volatile in ("run_uuid", "version", "bids_dir", "output_dir", "analysis_level"):
-        base.pop(volatile, None)
-    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("-")}
-    return {k: v for k, v in base.items() if k not in given}
+    if not path.is_file():
+        raise BidsClError(f"--config-file {path} does not exist", EXIT_USAGE)
+    saved = RunConfig.load(path).to_dict()
+    return {k: v for k, v in saved.items() if k not in given and k not in _NOT_RELOADED}
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
@@ -167,7 +173,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     from bids_cl.utils.bids import load_bids_filters, strip_prefix
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     if args.analysis_level not in ANALYSIS_LEVELS:
         raise BidsClError(
@@ -178,52 +185,46 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     if not bids_dir.is_dir():
         raise BidsClError(f"the BIDS directory {args.bids_dir} does not exist", EXIT_USAGE)
 
-    spaces = [s for s in (args.output_spaces or []) if s not in ("native", "T1w")]
-    config = RunConfig(
-        bids_dir=bids_dir,
-        output_dir=args.output_dir.expanduser().resolve(),
-        analysis_level=args.analysis_level,
-        participant_label=strip_prefix(args.participant_label, "sub-"),
-        session_label=strip_prefix(args.session_label, "ses-"),
-        bids_filter_file=args.bids_filter_file,
-        bids_database_dir=args.bids_database_dir.resolve() if args.bids_database_dir else None,
-        skip_bids_validation=args.skip_bids_validation,
-        work_dir=(args.work_dir or Path.cwd() / "work").expanduser().resolve(),
-        nprocs=args.nprocs,
-        omp_nthreads=args.omp_nthreads,
-        mem_mb=args.mem_mb,
-        use_plugin=args.use_plugin,
-        dry_run=args.dry_run,
-        reports_only=args.reports_only,
-        verbose=args.verbose,
-        random_seed=args.random_seed,
-        sloppy=args.sloppy,
-        device=args.device,
-        model=args.model,
-        folds=args.folds,
-        disable_tta=args.disable_tta,
-        threshold=args.threshold,
-        min_lesion_size=args.min_lesion_size,
-        connectivity=args.connectivity,
-        skull_strip=args.skull_strip,
-        synthstrip_model=args.synthstrip_model,
-        output_spaces=spaces,
-        version=__version__,
-    )
-    for key, value in _merge_config_file(args, argv).items():
-        setattr(config, key, coerce_field(key, value))
-    if config.bids_filter_file is not None:
-        config.bids_filters = load_bids_filters(config.bids_filter_file)
-    if config.use_plugin is not None:
-        config.plugin, config.plugin_args = load_plugin_file(config.use_plugin)
-    if config.synthstrip_model is not None and not config.synthstrip_model.is_file():
-        raise BidsClError(f"--synthstrip-model {config.synthstrip_model} does not exist",
-                          EXIT_USAGE)
-    if config.folds is not None and any(f < 0 for f in config.folds):
+    values: dict[str, Any] = {
+        "participant_label": strip_prefix(args.participant_label, "sub-"),
+        "session_label": strip_prefix(args.session_label, "ses-"),
+        "bids_filter_file": args.bids_filter_file,
+        "bids_database_dir": args.bids_database_dir.resolve() if args.bids_database_dir else None,
+        "skip_bids_validation": args.skip_bids_validation,
+        "work_dir": (args.work_dir or Path.cwd() / "work").expanduser().resolve(),
+        "nprocs": args.nprocs,
+        "omp_nthreads": args.omp_nthreads,
+        "mem_mb": args.mem_mb,
+        "use_plugin": args.use_plugin,
+        "dry_run": args.dry_run,
+        "reports_only": args.reports_only,
+        "verbose": args.verbose,
+        "random_seed": args.random_seed,
+        "sloppy": args.sloppy,
+        "device": args.device,
+        "model": args.model,
+        "folds": args.folds,
+        "disable_tta": args.disable_tta,
+        "threshold": args.threshold,
+        "min_lesion_size": args.min_lesion_size,
+        "connectivity": args.connectivity,
+        "skull_strip": args.skull_strip,
+        "synthstrip_model": args.synthstrip_model,
+        "output_spaces": [s for s in (args.output_spaces or []) if s not in ("native", "T1w")],
+    }
+    # The command line wins over --config-file for every option it gives, in any spelling.
+    values.update({k: coerce_field(k, v)
+                   for k, v in _config_file_values(args.config_file, given_options(parser, argv)).items()})
+    if values["bids_filter_file"] is not None:
+        values["bids_filters"] = load_bids_filters(values["bids_filter_file"])
+    if values["use_plugin"] is not None:
+        values["plugin"], values["plugin_args"] = load_plugin_file(values["use_plugin"])
+    if values["synthstrip_model"] is not None and not values["synthstrip_model"].is_file():
+        raise BidsClError(f"--synthstrip-model {values['synthstrip_model']} does not exist", EXIT_USAGE)
+    if values["folds"] is not None and any(f < 0 for f in values["folds"]):
         raise BidsClError("--folds must be non-negative fold numbers", EXIT_USAGE)
-    _refuse_not_implemented(config)
-    _fill_resources(config)
-    return config
+    return RunConfig(bids_dir=bids_dir, output_dir=args.output_dir.expanduser().resolve(),
+                     analysis_level=args.analysis_level, version=__version__, **values)
 
 
 def load_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:
@@ -239,6 +240,9 @@ def load_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:
     if not isinstance(data, dict) or "plugin" not in data:
         raise BidsClError(f"--use-plugin {path} must set 'plugin:'", EXIT_USAGE)
     plugin = str(data["plugin"])
+    if not _plugin_class(plugin):
+        raise BidsClError(f"--use-plugin {path}: Nipype has no plugin named {plugin!r} "
+                          "(e.g. MultiProc, Linear, SLURM, SGE, PBS, LSF)", EXIT_USAGE)
     if is_graph_plugin(plugin):
         raise BidsClError(
             f"--use-plugin {path}: Nipype's {plugin} plugin submits the whole graph and returns at once, "
@@ -260,24 +264,18 @@ def _waiting_counterpart(graph_plugin: str) -> str:
     return {"CondorDAGMan": "Condor"}.get(graph_plugin, "SLURM")
 
 
-def is_graph_plugin(name: str) -> bool:
-    """Whether a Nipype plugin is one of the submit-everything-and-return kind (SLURMGraph, SGEGraph ...)."""
+def _plugin_class(name: str) -> type | None:
     from nipype.pipeline import plugins
-    from nipype.pipeline.plugins.base import GraphPluginBase
 
     cls = getattr(plugins, f"{name}Plugin", None)
-    return isinstance(cls, type) and issubclass(cls, GraphPluginBase)
+    return cls if isinstance(cls, type) else None
 
 
-def _refuse_not_implemented(config: RunConfig) -> None:
-    for option, (attribute, default) in NOT_IMPLEMENTED.items():
-        if getattr(config, attribute) != default:
-            raise BidsClError(f"{option} is not implemented yet", EXIT_USAGE)
+def is_graph_plugin(name: str) -> bool:
+    """Whether a Nipype plugin is one of the submit-everything-and-return kind (SLURMGraph, SGEGraph ...)."""
+    from nipype.pipeline.plugins.base import GraphPluginBase
+
+    cls = _plugin_class(name)
+    return cls is not None and issubclass(cls, GraphPluginBase)
 
 
-def _fill_resources(config: RunConfig) -> None:
-    """Threads and memory follow the options, else the Slurm allocation, never the whole node."""
-    from bids_cl.utils.resources import effective_cpus, effective_mem_mb
-
-    config.nprocs, config.omp_nthreads = effective_cpus(config.nprocs, config.omp_nthreads)
-    config.mem_mb = effective_mem_mb(config.mem_mb)

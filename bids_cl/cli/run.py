@@ -7,17 +7,21 @@ import logging
 import os
 import sys
 import tempfile
-import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bids_cl import __version__
 from bids_cl.config import RunConfig
 from bids_cl.errors import (
     EXIT_CANNOT_CREATE_OUTPUT,
-    EXIT_FAILURE,
+    EXIT_MISSING_INPUT,
     EXIT_OK,
     BidsClError,
 )
+from bids_cl.utils.cli import run_command
+
+if TYPE_CHECKING:
+    from bids_cl.utils.bids import Discovery
 
 LOGGER = logging.getLogger("bids_cl")
 
@@ -66,39 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     verbose = sum(a.count("v") for a in (argv or sys.argv[1:]) if a.startswith("-v")
                   or a == "--verbose")
     _setup_logging(verbose, log_file)
-    try:
+
+    def body() -> int:
         from bids_cl.cli.parser import parse_args
 
         config = parse_args(argv)
         LOGGER.debug("bids_cl %s, configuration:\n%s", __version__, config.to_toml())
-        return _run(config, log_file)
-    except BidsClError as exc:
-        LOGGER.debug("exit %s: %s", exc.code, exc.message, exc_info=True)
-        print(f"bids_cl: error: {exc.message}", file=sys.stderr)
-        return exc.code
-    except SystemExit as exc:  # --help / --version
-        return int(exc.code or 0)
-    except KeyboardInterrupt:
-        print("bids_cl: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # the last line of defence: a sentence, never a bare traceback
-        with open(log_file, "a") as handle:
-            traceback.print_exc(file=handle)
-        print(
-            f"bids_cl: error: unexpected {type(exc).__name__}: {exc} (details: {log_file})",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
+        if config.analysis_level == "group":
+            return _run_group(config)
+        return _run_participant(config, log_file)
+
+    return run_command("bids_cl", body, log_file=log_file)
 
 
-def _run(config: RunConfig, log_file: Path) -> int:
-    config.apply_environment()
-    if config.analysis_level == "group":
-        return _run_group(config)
-    return _run_participant(config, log_file)
-
-
-def _plan(config: RunConfig) -> list:
+def _plan(config: RunConfig) -> Discovery:
     from bids_cl.utils.bids import (
         check_output_locations,
         discover,
@@ -111,48 +96,48 @@ def _plan(config: RunConfig) -> list:
     validation = validate_dataset(config.bids_dir, skip=config.skip_bids_validation)
     LOGGER.info("BIDS validation: %s", validation)
     layout = make_layout(config.bids_dir, config.bids_database_dir)
-    items = discover(
+    found = discover(
         layout,
         participant_label=config.participant_label,
         session_label=config.session_label,
         bids_filters=config.bids_filters,
     )
-    for item in items:
-        LOGGER.info("discovered: %s", json.dumps(item.to_dict()))
-    return items
+    for record in found.to_dicts():
+        LOGGER.info("discovered: %s", json.dumps(record))
+    return found
 
 
 def _run_participant(config: RunConfig, log_file: Path) -> int:
-    items = _plan(config)
+    found = _plan(config)
     if config.dry_run:
-        for item in items:
-            print(json.dumps(item.to_dict(), sort_keys=False))
+        for record in found.to_dicts():
+            print(json.dumps(record, sort_keys=False))
         return EXIT_OK
 
-    usable = [i for i in items if i.problem is None]
-    if not usable:
-        first = items[0]
+    if not found.items:
+        first = found.problems[0]
         raise BidsClError(
-            first.problem if len(items) == 1 else
-            f"no usable input: {first.problem} (and {len(items) - 1} more problem(s))",
-            first.problem_code or EXIT_FAILURE,
+            first.problem if len(found.problems) == 1 else
+            f"no usable input: {first.problem} (and {len(found.problems) - 1} more problem(s))",
+            first.problem_code,
         )
     _make_output_dir(config.output_dir)
     if config.reports_only:
         from bids_cl.reports import generate_reports
 
-        generate_reports(config.output_dir, sorted({i.participant for i in items}))
+        generate_reports(config.output_dir,
+                         sorted({i.participant for i in [*found.items, *found.problems]}))
         return EXIT_OK
 
-    from bids_cl.workflows.base import run_participants
+    from bids_cl.cli.workflow import run_participants
 
-    return run_participants(config, items, log_file=log_file)
+    return run_participants(config, found.items, found.problems, log_file=log_file)
 
 
 def _run_group(config: RunConfig) -> int:
     if not config.output_dir.is_dir():
         raise BidsClError(
-            f"{config.output_dir} does not exist: run the participant level first", 66
+            f"{config.output_dir} does not exist: run the participant level first", EXIT_MISSING_INPUT
         )
     from bids_cl.group import run_group_level
 

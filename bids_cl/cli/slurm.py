@@ -39,6 +39,7 @@ from bids_cl.errors import (
     EXIT_USAGE,
     BidsClError,
 )
+from bids_cl.utils.cli import UsageParser, run_command
 from bids_cl.utils.resources import parse_mem_mb
 
 STATUS_HEADER = "participant_id\ttask_id\texit_code\tstart\tend\n"
@@ -443,15 +444,8 @@ def submit(plan: SlurmPlan, paths: dict[str, Path]) -> dict[str, str | None]:
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with the BIDS-Apps usage exit code (64) instead of 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise BidsClError(f"{message} (see bids_cl-slurm --help)", EXIT_USAGE)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog="bids_cl-slurm",
         description="Write a Slurm job array that runs bids_cl on one participant per task, and "
         "a group-level job that runs after it; --submit submits both. See docs/hpc.md.",
@@ -589,25 +583,22 @@ def plan_from_args(args: argparse.Namespace) -> SlurmPlan:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``bids_cl-slurm``; returns the exit code."""
-    try:
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as exc:  # --help, --version
-            return int(exc.code or 0)
-        plan = plan_from_args(args)
-        paths = write_jobs(plan)
-        print(f"bids_cl-slurm: {len(plan.labels)} participant task(s) written to {plan.jobs_dir}")
-        if not args.submit:
-            print(f"bids_cl-slurm: submit with: bash {paths['submit']}")
-            return EXIT_OK
-        ids = submit(plan, paths)
-        print(f"participant array job: {ids['array_job_id']}")
-        if ids["group_job_id"]:
-            print(f"group job: {ids['group_job_id']} (after the array: afterany)")
+    return run_command("bids_cl-slurm", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = plan_from_args(args)
+    paths = write_jobs(plan)
+    print(f"bids_cl-slurm: {len(plan.labels)} participant task(s) written to {plan.jobs_dir}")
+    if not args.submit:
+        print(f"bids_cl-slurm: submit with: bash {paths['submit']}")
         return EXIT_OK
-    except BidsClError as exc:
-        print(f"bids_cl-slurm: error: {exc.message}", file=sys.stderr)
-        return exc.code
+    ids = submit(plan, paths)
+    print(f"participant array job: {ids['array_job_id']}")
+    if ids["group_job_id"]:
+        print(f"group job: {ids['group_job_id']} (after the array: afterany)")
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

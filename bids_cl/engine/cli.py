@@ -20,12 +20,13 @@ from pathlib import Path
 from bids_cl.engine import registry, store
 from bids_cl.engine.lockfile import read_lock_file
 from bids_cl.errors import EXIT_BAD_DATA, EXIT_MISSING_INPUT, BidsClError
+from bids_cl.utils.cli import UsageParser, run_command
 
 PROG = "bids_cl-models"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Manage bids_cl segmentation models "
+    parser = UsageParser(prog=PROG, description="Manage bids_cl segmentation models "
                                      f"(stored in ${registry.HOME_ENV}/models, default ~/.cache/bids_cl).")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="known and installed models")
@@ -154,19 +155,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bids_cl-models``; returns the exit code."""
+    return run_command(PROG, lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
-    try:
-        if args.command == "list":
-            return _cmd_list()
-        if args.command == "install":
-            return _cmd_install(args)
-        if args.command == "info":
-            return _cmd_info(args)
-        return _cmd_verify(args)
-    except BidsClError as exc:
-        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
-        return exc.code
+    if args.command == "list":
+        return _cmd_list()
+    if args.command == "install":
+        return _cmd_install(args)
+    if args.command == "info":
+        return _cmd_info(args)
+    return _cmd_verify(args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from bids_cl.derivatives.records import SegmentationRecord
+from bids_cl.derivatives.spec import LESION_COLUMNS
 from bids_cl.utils.components import (
     best_iou,
     label_bboxes,
@@ -16,13 +18,6 @@ from bids_cl.utils.components import (
     label_sizes,
     overlap_pairs,
 )
-
-LESION_COLUMNS = [
-    "lesion_id", "voxels", "volume_ul",
-    "centroid_i", "centroid_j", "centroid_k", "centroid_x", "centroid_y", "centroid_z",
-    "bbox_i0", "bbox_j0", "bbox_k0", "bbox_i1", "bbox_j1", "bbox_k1",
-    "mean_prob", "max_prob", "uncertainty",
-]
 
 
 def voxel_volume_ul(affine: np.ndarray) -> float:
@@ -129,22 +124,16 @@ def intensity_ood(values: np.ndarray, fingerprint: dict[str, float] | None) -> s
     return ("intensities unlike the training data (wrong contrast or scaling?): " + "; ".join(reasons))
 
 
-def summarize(table: pd.DataFrame, *, threshold: float, connectivity: int,
-              min_lesion_size: Any, min_voxels: int | None, provenance: dict[str, Any],
-              ood_warning: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Per-image summary with the contract's keys (the workflow adds Sequence, Inputs, ...)."""
+def summarize(table: pd.DataFrame, record: SegmentationRecord) -> dict[str, Any]:
+    """The per-image summary of a lesion table under the engine's settings (the one copy of the counts).
+
+    ``LesionCount``, ``TotalVolume_uL`` and ``MedianVolume_uL`` from the table, then the settings of
+    ``record`` under the summary JSON's names; the writer adds Sequence, Inputs, ... to this.
+    """
     volumes = table["volume_ul"].to_numpy(dtype=float) if len(table) else np.zeros(0)
-    summary = {
+    return {
         "LesionCount": int(len(table)),
         "TotalVolume_uL": float(volumes.sum()),
         "MedianVolume_uL": float(np.median(volumes)) if volumes.size else 0.0,
-        "OODWarning": ood_warning,
-        "Threshold": float(threshold),
-        "Connectivity": int(connectivity),
-        "MinLesionSize": min_lesion_size if min_lesion_size is None or isinstance(
-            min_lesion_size, (int, float, str)) else str(min_lesion_size),
-        "MinLesionSizeVoxels": min_voxels,
-        "Model": provenance,
+        **record.summary_fields(),
     }
-    summary.update(extra or {})
-    return summary

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
+from bids_cl.derivatives.records import SegmentationRecord
 from bids_cl.engine import orientation as orient
 from bids_cl.engine import predictor as pred
 from bids_cl.engine.device import resolve_device
@@ -41,8 +42,9 @@ class SegmentationResult:
 
     probability: nib.Nifti1Image          # float32 ensemble lesion probability
     mask: nib.Nifti1Image                 # uint8 final lesion mask (after threshold and size filter)
-    lesions: pd.DataFrame                 # one row per lesion (bids_cl.engine.lesions.LESION_COLUMNS)
-    summary: dict[str, Any]               # per-image summary (contract keys + Folds, TTA, Device, ...)
+    lesions: pd.DataFrame                 # one row per lesion (bids_cl.derivatives.spec.LESION_COLUMNS)
+    record: SegmentationRecord            # every setting used, typed (what the writer receives)
+    summary: dict[str, Any]               # per-image summary: counts + record (+ Warnings, Timings)
     provenance: dict[str, Any]            # the model's provenance (also summary["Model"])
     labels: nib.Nifti1Image | None = None  # int32 lesion ids (the table's lesion_id)
     fold_probabilities: list[nib.Nifti1Image] | None = None  # per fold, when the model has several
@@ -213,28 +215,27 @@ class CLSegmenter:
 
         provenance = self.provenance
         stats = getattr(self.predictor, "last_stats", {})
-        summary = summarize(
-            table, threshold=self.threshold, connectivity=self.connectivity,
-            min_lesion_size=self.min_lesion_size, min_voxels=min_voxels, provenance=provenance,
-            ood_warning=ood,
-            extra={
-                "ThresholdSource": self.threshold_source,
-                "MinLesionSizeSource": self.min_lesion_size_source,
-                "Folds": list(self.folds), "TTA": self.tta, "Device": self.device.type,
-                "FastPath": self.fast, "Threads": self.nthreads,
-                "Precision": getattr(self.predictor, "precision",
-                                     "fp16" if self.device.type == "cuda" else "fp32"),
-                "Orientation": {"input": "".join(nib.aff2axcodes(img.affine)),
-                                "model": self.model.orientation},
-                "TilesRun": stats.get("tiles_run"), "TilesTotal": stats.get("tiles"),
-                "Warnings": [w for w in [provenance.get("warning")] if w] + list(self.warnings),
-                "Timings": {k: round(v, 3) for k, v in timings.items()},
-            })
+        record = SegmentationRecord(
+            threshold=float(self.threshold), threshold_source=self.threshold_source,
+            connectivity=int(self.connectivity),
+            min_lesion_size=self.min_lesion_size if self.min_lesion_size is None or isinstance(
+                self.min_lesion_size, (int, float, str)) else str(self.min_lesion_size),
+            min_lesion_size_source=self.min_lesion_size_source, min_lesion_size_voxels=min_voxels,
+            folds=list(self.folds), tta=self.tta, device=self.device.type, fast_path=self.fast,
+            threads=self.nthreads,
+            precision=getattr(self.predictor, "precision", "fp16" if self.device.type == "cuda" else "fp32"),
+            orientation={"input": "".join(nib.aff2axcodes(img.affine)), "model": self.model.orientation},
+            tiles_run=stats.get("tiles_run"), tiles_total=stats.get("tiles"), ood_warning=ood,
+            warnings=[w for w in [provenance.get("warning")] if w] + list(self.warnings),
+            provenance=provenance, timings={k: round(v, 3) for k, v in timings.items()},
+        )
+        summary = {**summarize(table, record), "Warnings": record.warnings, "Timings": record.timings}
         keep_folds = self.keep_fold_probabilities and fold_probs
         return SegmentationResult(
             probability=orient.image_like(probability, img, np.float32),
             mask=orient.image_like((labels > 0).astype(np.uint8), img, np.uint8),
             lesions=table,
+            record=record,
             summary=summary,
             provenance=provenance,
             labels=orient.image_like(labels, img, np.int32),

@@ -51,6 +51,7 @@ from bids_cl.evaluation.pairing import (
     pair_masks,
 )
 from bids_cl.evaluation.report import aggregate_display, render_html
+from bids_cl.utils.cli import UsageParser, run_command
 from bids_cl.utils.components import CONNECTIVITIES, DEFAULT_CONNECTIVITY
 
 PROG = "bids_cl-evaluate"
@@ -59,15 +60,8 @@ IMAGE_GROUP_COLUMNS = ("participant_id", "session", "acquisition", "field_streng
 TSV_OPTIONS = {"sep": "\t", "index": False, "na_rep": NA, "float_format": "%.6g"}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises (exit code 64) instead of exiting with 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise BidsClError(message, EXIT_USAGE)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog=PROG,
         description="Lesion-wise and voxel-wise evaluation of bids_cl CL masks against references.",
     )
@@ -260,14 +254,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of bids_cl-evaluate; returns the exit code."""
-    try:
-        args = build_parser().parse_args(None if argv is None else list(argv))
-        return run(args)
-    except BidsClError as exc:
-        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
-        return exc.code
-    except SystemExit as exc:  # --help / --version
-        return int(exc.code or 0)
+    return run_command(PROG, lambda: run(build_parser().parse_args(None if argv is None else list(argv))))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bids_cl.reports.collect import TargetOutputs
+from bids_cl.derivatives.reader import TargetOutputs
 from bids_cl.utils.io import atomic_save_nifti, atomic_write_json
 
 LOGGER = logging.getLogger("bids_cl.group")

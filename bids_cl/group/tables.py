@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bids_cl.reports.collect import (
-    LESION_COLUMNS,
+from bids_cl.derivatives.reader import (
     TargetOutputs,
     collect_targets,
     model_name,
@@ -22,7 +21,7 @@ from bids_cl.reports.collect import (
     participant_status,
     read_json,
 )
-from bids_cl.workflows.outputs import LESION_TABLE_DICTIONARY
+from bids_cl.derivatives.spec import LESION_COLUMNS, LESION_TABLE_DICTIONARY, report_name
 
 IMAGE_COLUMNS: dict[str, dict[str, Any]] = {
     "participant_id": {"Description": "participant (BIDS label with sub- prefix)"},
@@ -155,7 +154,7 @@ def collect(out_dir: Path, labels: Iterable[str]
     for label in labels:
         targets = collect_targets(out_dir, label)
         status = participant_status(out_dir, label, targets)
-        report = out_dir / f"sub-{label}.html"
+        report = out_dir / report_name(label)
         status_rows.append({
             "participant_id": f"sub-{label}", "status": status.status,
             "n_targets": status.n_targets,

@@ -1,7 +1,9 @@
 """Plain, file-level functions behind the Nipype interfaces (unit-testable without Nipype).
 
 Each takes input paths and an output folder, calls the numeric code in ``bids_cl.preproc`` /
-``bids_cl.engine``, and writes its results as files whose names the interfaces return.
+``bids_cl.engine``, and writes its results as files whose names the interfaces return; what a stage
+decided travels as a record of :mod:`bids_cl.derivatives.records`. Anticipated failures are
+``BidsClError`` with an exit code; the interfaces record them for the runner.
 """
 
 from __future__ import annotations
@@ -10,28 +12,13 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import pandas as pd
 
-from bids_cl.errors import BidsClError
+from bids_cl.derivatives.records import SegmentationRecord, SkullStripRecord
+from bids_cl.derivatives.spec import TEMPLATE_COLUMNS
 from bids_cl.utils.io import atomic_save_nifti, atomic_write_json, atomic_write_text
-
-
-class StepError(RuntimeError):
-    """A BidsClError crossing the Nipype process boundary: its exit code travels in the text."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(f"[exit {code}] {message}")
-        self.code = code
-
-
-def _checked(func: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return func(*args, **kwargs)
-    except BidsClError as exc:
-        raise StepError(exc.message, exc.code) from exc
 
 
 def skull_strip_files(
@@ -45,20 +32,16 @@ def skull_strip_files(
     out = Path(out_dir)
     t1w = nib.load(in_file)
     inv2 = nib.load(inv2_file) if inv2_file else None
-    result = _checked(
-        skull_strip, t1w, strategy=strategy, inv2_img=inv2,
-        synthstrip_model=synthstrip_model, nthreads=nthreads, is_mp2rage=is_mp2rage,
-    )
+    result = skull_strip(t1w, strategy=strategy, inv2_img=inv2, synthstrip_model=synthstrip_model,
+                         nthreads=nthreads, is_mp2rage=is_mp2rage)
     brain = atomic_save_nifti(result.brain, out / "brain.nii.gz")
     mask = atomic_save_nifti(result.mask, out / "brain_mask.nii.gz")
-    info = {
-        "strategy": result.strategy,
-        "detail": result.detail,
-        "warnings": list(result.warnings),
-        "used_inv2": bool(inv2_file) and "inv2" in str(result.strategy).lower(),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    info_path = atomic_write_json(out / "skullstrip.json", info)
+    record = SkullStripRecord(
+        strategy=result.strategy, detail=result.detail, warnings=list(result.warnings),
+        used_inv2=bool(inv2_file) and "inv2" in str(result.strategy).lower(),
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    info_path = atomic_write_text(out / "skullstrip.json", record.to_json())
     return {"brain": str(brain), "mask": str(mask), "info": str(info_path)}
 
 
@@ -68,37 +51,24 @@ def segment_files(
     threshold: float | None = None, min_lesion_size: str | None = None, connectivity: int = 26,
     nthreads: int | None = None,
 ) -> dict[str, str]:
-    """Run the nnU-Net engine on a skull-stripped image; write probseg, mask, table, info."""
+    """Run the nnU-Net engine on a skull-stripped image; write probseg, mask, table and the record."""
     from bids_cl.engine import load_model, segment
 
     start = time.perf_counter()
     out = Path(out_dir)
-    cl_model = _checked(load_model, model)
-    result = _checked(
-        segment, brain_file, cl_model, device=device, folds=folds, tta=tta,
-        threshold=threshold, min_lesion_size=min_lesion_size, connectivity=connectivity,
-        nthreads=nthreads, brain_mask=mask_file,
-    )
+    cl_model = load_model(model)
+    loaded = time.perf_counter() - start
+    result = segment(brain_file, cl_model, device=device, folds=folds, tta=tta, threshold=threshold,
+                     min_lesion_size=min_lesion_size, connectivity=connectivity, nthreads=nthreads,
+                     brain_mask=mask_file)
     probseg = atomic_save_nifti(result.probability, out / "probseg.nii.gz")
     lesion_mask = atomic_save_nifti(result.mask, out / "lesion_mask.nii.gz")
     lesions_tsv = atomic_write_text(out / "lesions.tsv",
                                     result.lesions.to_csv(sep="\t", index=False))
-    summary = dict(result.summary)
-    info = {
-        "summary": summary,
-        "provenance": result.provenance,
-        "folds": summary.get("Folds", folds),
-        "tta": summary.get("TTA", tta),
-        "device": summary.get("Device", device),
-        "threshold": summary.get("Threshold", threshold),
-        "threshold_source": summary.get("ThresholdSource"),
-        "connectivity": connectivity,
-        "min_lesion_size": summary.get("MinLesionSize", min_lesion_size),
-        "min_lesion_size_source": summary.get("MinLesionSizeSource"),
-        "warnings": [w for w in [summary.get("OODWarning")] if w] + list(summary.get("Warnings", [])),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    info_path = atomic_write_json(out / "segment.json", info)
+    record = dataclasses.replace(result.record, timings={
+        "load_model": round(loaded, 3), **result.record.timings,
+        "node": round(time.perf_counter() - start, 3)})
+    info_path = atomic_write_text(out / "segment.json", record.to_json())
     return {"probseg": str(probseg), "mask": str(lesion_mask), "lesions": str(lesions_tsv),
             "info": str(info_path)}
 
@@ -110,9 +80,9 @@ def register_files(brain_file: str, out_dir: str, *, space: str, seed: int, nthr
 
     start = time.perf_counter()
     out = Path(out_dir)
-    template = _checked(get_template, space)
-    result = _checked(
-        register_to_template, nib.load(brain_file), nib.load(str(template.t1w)),
+    template = get_template(space)
+    result = register_to_template(
+        nib.load(brain_file), nib.load(str(template.t1w)),
         template_mask=nib.load(str(template.mask)) if template.mask else None,
         seed=seed, nthreads=nthreads, out_prefix=str(out / "reg_"), sloppy=sloppy,
     )
@@ -148,10 +118,24 @@ def to_template_files(mask_file: str, probseg_file: str, lesions_tsv: str, regis
     if len(lesions):
         xyz = lesions[["centroid_x", "centroid_y", "centroid_z"]].to_numpy(dtype=float)
         coords = points_to_template(xyz, result)
-        lesions["template_x"], lesions["template_y"], lesions["template_z"] = coords.T
+        for c, values in zip(TEMPLATE_COLUMNS, coords.T, strict=True):
+            lesions[c] = values
     else:
-        for c in ("template_x", "template_y", "template_z"):
+        for c in TEMPLATE_COLUMNS:
             lesions[c] = pd.Series(dtype=float)
     tsv = atomic_write_text(out / "lesions_template.tsv",
                             lesions.to_csv(sep="\t", index=False))
     return {"mask": str(mask_path), "probseg": str(prob_path), "lesions": str(tsv)}
+
+
+def stage_timings(skullstrip: SkullStripRecord, segmentation: SegmentationRecord,
+                  registration_infos: list[str]) -> dict[str, float]:
+    """``{stage: seconds}`` of one target from its stage records (cached stages keep their first time)."""
+    timings = {"skullstrip": skullstrip.seconds}
+    engine = dict(segmentation.timings)
+    timings["segment"] = engine.pop("node", sum(engine.values()))
+    timings.update({f"segment.{step}": seconds for step, seconds in engine.items()})
+    for path in registration_infos:
+        info = json.loads(Path(path).read_text())
+        timings[f"register_{info['space']}"] = info["seconds"]
+    return timings

@@ -29,6 +29,7 @@ from bids_cl.errors import (
     EXIT_USAGE,
     BidsClError,
 )
+from bids_cl.utils.cli import UsageParser, run_command
 
 DEFAULT_SPACE = "MNI152NLin2009aSym"
 # Spaces we can build offline from files that ship inside a Python package.
@@ -272,7 +273,7 @@ def _fetch_from_templateflow(space: str, resolution: int, home: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog=FETCH_COMMAND,
         description="Put the template(s) bids_cl needs into a TemplateFlow home, for offline compute "
         f"nodes and containers. {DEFAULT_SPACE} is built offline from nilearn; other spaces are "
@@ -290,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bids_cl-fetch-templates``; returns the exit code."""
+    return run_command(FETCH_COMMAND, lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     home = (args.tf_dir or templateflow_home()).expanduser().absolute()
     # templateflow reads the variable at import: set it before anything imports it.

@@ -19,8 +19,8 @@ import nibabel as nib
 import pandas as pd
 
 from bids_cl import __version__
-from bids_cl.reports import figures as figs
-from bids_cl.reports.collect import (
+from bids_cl.derivatives import spec
+from bids_cl.derivatives.reader import (
     Crash,
     TargetOutputs,
     collect_crashes,
@@ -34,6 +34,7 @@ from bids_cl.reports.collect import (
     read_json,
     run_timings,
 )
+from bids_cl.reports import figures as figs
 from bids_cl.reports.html import box, esc, fmt, kv_table, now_iso, page, table_html
 from bids_cl.reports.html import figure as figure_html
 from bids_cl.reports.templates import Template, resolve_template
@@ -106,7 +107,7 @@ def generate_participant_report(out_dir: str | Path, participant_label: str, *,
     meta = (f"bids_cl {esc(__version__)} &middot; report generated {esc(now_iso())} &middot; "
             f"{len(targets)} target image(s)")
     text = page(f"bids_cl: sub-{label}", "\n".join(sections), nav=nav, meta=meta)
-    return atomic_write_text(out_dir / f"sub-{label}.html", text)
+    return atomic_write_text(out_dir / spec.report_name(label), text)
 
 
 def generate_reports(out_dir: str | Path, participant_labels: list[str] | None = None, *,
@@ -209,7 +210,7 @@ def _background(target: TargetOutputs) -> tuple[Path | None, str]:
             return Path(raw), f"input image ({Path(raw).name})"
         except Exception:  # unreadable raw image: the derivative is the next best
             pass
-    preproc = target.path("desc-preproc_T1w.nii.gz")
+    preproc = target.path("preproc")
     if preproc.exists():
         return preproc, f"skull-stripped image ({preproc.name})"
     return None, ""
@@ -231,7 +232,7 @@ def _target_section(out_dir: Path, target: TargetOutputs, fig_dir: Path,
 
     # 1. Brain mask.
     parts.append("<h3>Brain mask</h3>")
-    mask_path = target.path("desc-brain_mask.nii.gz")
+    mask_path = target.path("brain_mask")
     mask_json = mask_path.with_name(mask_path.name.replace(".nii.gz", ".json"))
     strategy = s.get("SkullStripStrategy") or (
         (read_json(mask_json) or {}).get("SkullStripStrategy") if mask_json.exists() else None)
@@ -256,8 +257,8 @@ def _target_section(out_dir: Path, target: TargetOutputs, fig_dir: Path,
             parts.append(box(f"Template {space} is not available here, so the registration figure "
                              "is not drawn (the template-space outputs exist).", "warning"))
             continue
-        moving = next((p for p in (target.path(f"space-{space}_desc-preproc_T1w.nii.gz"),
-                                   target.path(f"space-{space}_T1w.nii.gz")) if p.exists()), None)
+        moving = target.path("space_preproc", space=space)
+        moving = moving if moving.exists() else None
 
         def _reg(space: str = space, tpl: Template = tpl, moving: Path | None = moving) -> str:
             png = figs.plot_registration(
@@ -278,7 +279,7 @@ def _target_section(out_dir: Path, target: TargetOutputs, fig_dir: Path,
     parts.append("<h3>Lesions</h3>")
     lesions = target.lesions()
     lesion_png = fig_dir / f"{target.prefix}_desc-lesions_T1w.png"
-    cl_mask = target.path("label-CL_mask.nii.gz")
+    cl_mask = target.path("lesion_mask")
     if lesions.empty:
         lesion_png.unlink(missing_ok=True)  # no stale mosaic from an earlier run
         parts.append('<p class="note">No lesion detected.</p>')
@@ -341,7 +342,7 @@ def _provenance_html(out_dir: Path, target: TargetOutputs, strategy: Any) -> str
                 generated.setdefault("Container", entry["Container"])
     generated.setdefault("Report", f"bids_cl {__version__}")
     html_parts += ["<h4>Versions</h4>", kv_table(generated)]
-    timings = s.get("Timings") or run_timings(out_dir, target.participant, target.prefix)
+    timings = run_timings(out_dir, target.participant, target.prefix)
     if isinstance(timings, Mapping) and timings:
         frame = pd.DataFrame({"stage": list(timings), "seconds": [_num(v) for v in
                                                                    timings.values()]})
@@ -386,11 +387,10 @@ def _about_section(out_dir: Path, label: str) -> str:
              f"<code>sub-{esc(label)}/figures/</code>. Rebuild with <code>--reports-only</code>.</p>"]
     run = latest_run_dir(out_dir, label)
     if run is not None:
-        for name in ("bids_cl.toml", "config.toml"):
-            if (run / name).exists():
-                text = (run / name).read_text(encoding="utf-8", errors="replace")[:20000]
-                parts.append(f"<details><summary>Configuration of the latest run ({esc(run.name)})"
-                             f"</summary><pre>{esc(text)}</pre></details>")
-                break
+        config = run / spec.CONFIG_NAME
+        if config.exists():
+            text = config.read_text(encoding="utf-8", errors="replace")[:20000]
+            parts.append(f"<details><summary>Configuration of the latest run ({esc(run.name)})"
+                         f"</summary><pre>{esc(text)}</pre></details>")
     parts.append("</section>")
     return "\n".join(parts)

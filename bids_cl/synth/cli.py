@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 from bids_cl._version import __version__
 from bids_cl.synth.bids_io import IMAGE_DTYPES
-from bids_cl.synth.errors import EXIT_USAGE, SynthError
 from bids_cl.synth.generate import (
     FIELDS,
     ORIENTATION_CHOICES,
@@ -18,6 +17,7 @@ from bids_cl.synth.generate import (
     SynthOptions,
     write_dataset,
 )
+from bids_cl.utils.cli import UsageParser, run_command
 
 PROG = "bids_cl-synth"
 
@@ -41,16 +41,8 @@ def _fraction(text: str) -> float:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with the BIDS-App exit code for usage errors (64) instead of 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = UsageParser(
         prog=PROG,
         description="Write a synthetic multiple-sclerosis BIDS dataset (MP2RAGE/MPRAGE, 3T/7T) "
         "with cortical-lesion ground truth under OUT_DIR/derivatives/manual_masks.",
@@ -88,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bids_cl-synth``; returns the exit code."""
+    return run_command(PROG, lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     # progress lines of our own logger only (root-level config would echo other libraries)
     logger = logging.getLogger("bids_cl.synth")
@@ -96,18 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    try:
-        options = SynthOptions(
-            participants=args.participants, sessions=args.sessions, seed=args.seed,
-            field=args.field, sequence=args.sequence, size=args.size,
-            orientation=args.orientation, voxel_size=args.voxel_size, dtype=args.dtype,
-            uni_as_t1w=args.uni_as_t1w, lesion_free_fraction=args.lesion_free_fraction,
-            use_sessions=args.use_sessions,
-        )
-        root = write_dataset(args.out_dir, options, overwrite=args.overwrite)
-    except SynthError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return err.code or EXIT_USAGE
+    options = SynthOptions(
+        participants=args.participants, sessions=args.sessions, seed=args.seed,
+        field=args.field, sequence=args.sequence, size=args.size,
+        orientation=args.orientation, voxel_size=args.voxel_size, dtype=args.dtype,
+        uni_as_t1w=args.uni_as_t1w, lesion_free_fraction=args.lesion_free_fraction,
+        use_sessions=args.use_sessions,
+    )
+    root = write_dataset(args.out_dir, options, overwrite=args.overwrite)
     if not args.quiet:
         print(root)
     return 0

@@ -15,18 +15,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bids_cl.errors import EXIT_USAGE, BidsClError
+from bids_cl.errors import EXIT_OK, EXIT_USAGE, BidsClError
 from bids_cl.train.convert import preproc_strategies
 from bids_cl.train.plans import SMALL_NETWORK, NetworkSpec, _as_tuple3
 from bids_cl.train.run import DEFAULT_WARNING, STEPS, TrainOptions, run
 from bids_cl.train.trainers import TrainerSettings
+from bids_cl.utils.cli import UsageParser, run_command
 
 if TYPE_CHECKING:
     from bids_cl.engine.models import ResolvedModel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = UsageParser(
         prog="bids_cl-train",
         description="Convert a BIDS dataset with manual <prefix>_label-CL_mask.nii.gz files into an nnU-Net "
                     "dataset (same skull stripping and RAS reorientation as bids_cl), plan, preprocess and "
@@ -158,13 +159,13 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(options_from_args(args))
-    except BidsClError as exc:
-        print(f"bids_cl-train: error: {exc.message}", file=sys.stderr)
-        return exc.code
-    return 0
+    """Entry point of ``bids_cl-train``; returns the exit code."""
+    return run_command("bids_cl-train", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    run(options_from_args(build_parser().parse_args(argv)))
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # nnU-Net's worker processes re-import the main module: keep this guard

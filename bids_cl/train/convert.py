@@ -30,7 +30,7 @@ from bids_cl.errors import (
     BidsClError,
 )
 from bids_cl.preproc import STRATEGIES, skull_strip
-from bids_cl.utils.bids import WorkItem, discover, make_layout, strip_prefix
+from bids_cl.utils.bids import Discovery, WorkItem, discover, make_layout, strip_prefix
 
 CHANNEL_NAME = "T1w"
 LABELS = {"background": 0, "CL": 1}
@@ -66,21 +66,19 @@ def preproc_strategies() -> tuple[str, ...]:
     return tuple(dict.fromkeys(STRATEGIES + SKULL_STRIP_SHORTCUTS))
 
 
-def usable_targets(items: Sequence[WorkItem], log: Callable[[str], None]) -> list[WorkItem]:
+def usable_targets(found: Discovery, log: Callable[[str], None]) -> list[WorkItem]:
     """The targets discovery found usable; one warning line for each target or participant it could not use.
 
     The only reader of what ``discover`` returns besides the usable items' fields: raises discovery's own
     code (as ``bids_cl participant`` does) when nothing at all is usable.
     """
-    usable = [item for item in items if item.problem is None]
-    problems = [item for item in items if item.problem is not None]
-    for item in problems:
-        log(f"warning: skipped: {item.problem}")
-    if not usable:
-        first = problems[0]
-        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    for problem in found.problems:
+        log(f"warning: skipped: {problem.problem}")
+    if not found.items:
+        first = found.problems[0]
+        more = f" (and {len(found.problems) - 1} more problem(s))" if len(found.problems) > 1 else ""
         raise BidsClError(f"no usable image: {first.problem}{more}", first.problem_code or EXIT_FAILURE)
-    return usable
+    return list(found.items)
 
 
 def _index_by_name(folder: Path, pattern: str) -> dict[str, Path]:

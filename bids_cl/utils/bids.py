@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bids_cl.derivatives import spec
 from bids_cl.errors import (
     EXIT_BAD_DATA,
     EXIT_MISSING_INPUT,
@@ -75,8 +76,6 @@ class WorkItem:
     inv1: str | None = None
     inv2: str | None = None
     t1map: str | None = None
-    problem: str | None = None
-    problem_code: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,10 +87,35 @@ class WorkItem:
     @property
     def anat_dir(self) -> str:
         """Relative folder of this target's derivatives: ``sub-X[/ses-Y]/anat``."""
-        parts = [f"sub-{self.participant}"]
-        if self.session:
-            parts.append(f"ses-{self.session}")
-        return "/".join([*parts, "anat"])
+        return spec.anat_dir(self.participant, self.session)
+
+
+@dataclass
+class Problem:
+    """Something discovery found that cannot be segmented: an unreadable target, or a participant
+    without any T1-weighted image. Reported by the run (one line, its exit code), never processed."""
+
+    participant: str
+    session: str | None
+    prefix: str                  # names the crash note
+    problem: str                 # one line for the user
+    problem_code: int            # the BIDS-Apps exit code it maps to
+    target: str | None = None    # the image, when there is one
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Discovery:
+    """What discovery found: the targets to segment, and the problems to report."""
+
+    items: list[WorkItem]
+    problems: list[Problem]
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """The discovery record (``discovery.json``, ``--dry-run``): targets, then problems."""
+        return [*(i.to_dict() for i in self.items), *(p.to_dict() for p in self.problems)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,12 +380,13 @@ def discover(
     session_label: list[str] | None = None,
     bids_filters: dict[str, dict[str, Any]] | None = None,
     check_images: bool = True,
-) -> list[WorkItem]:
+) -> Discovery:
     """Find every segmentation target, per participant and per session (sessions are never merged).
 
     Raises BidsClError(18) when the labels or filters select nothing, and BidsClError(66) when the
-    selected participants have no T1-weighted image at all. Participants that lack a T1-weighted image
-    while others have one get a WorkItem with ``problem`` set, so the run can report them and go on.
+    selected participants have no T1-weighted image at all. A participant that lacks a T1-weighted image
+    while others have one, and a target whose file cannot be read, become a :class:`Problem`, so the
+    run can report them and go on.
     """
     queries = build_queries(bids_filters)
     all_subjects = sorted(layout.get_subjects())
@@ -380,6 +405,7 @@ def discover(
         raise BidsClError("no participants found in the dataset", EXIT_NO_DATA_SELECTED)
 
     items: list[WorkItem] = []
+    problems: list[Problem] = []
     selected_anything = False
     for subject in subjects:
         sessions = sorted(layout.get_sessions(subject=subject)) or [None]
@@ -394,22 +420,11 @@ def discover(
             if session_items:
                 selected_anything = True
             subject_items.extend(session_items)
-        if not subject_items:
-            if sessions:
-                subject_items.append(
-                    WorkItem(
-                        participant=subject,
-                        session=None,
-                        target="",
-                        target_suffix="",
-                        entities={"subject": subject},
-                        prefix=f"sub-{subject}",
-                        sequence="unknown",
-                        problem=f"sub-{subject} has no T1-weighted image (UNIT1 or T1w) "
-                        "matching the queries",
-                        problem_code=EXIT_MISSING_INPUT,
-                    )
-                )
+        if not subject_items and sessions:
+            problems.append(Problem(
+                participant=subject, session=None, prefix=f"sub-{subject}",
+                problem=f"sub-{subject} has no T1-weighted image (UNIT1 or T1w) matching the queries",
+                problem_code=EXIT_MISSING_INPUT))
         items.extend(subject_items)
 
     if session_label and not any(i.session in session_label for i in items):
@@ -426,11 +441,16 @@ def discover(
             "no T1-weighted image (UNIT1 or T1w) found for "
             + ", ".join(f"sub-{s}" for s in subjects), EXIT_MISSING_INPUT,
         )
-    if check_images:
-        for item in items:
-            if item.problem is None:
-                item.problem, item.problem_code = _check_image(item.target)
-    return items
+    usable: list[WorkItem] = []
+    for item in items:
+        reason, code = _check_image(item.target) if check_images else (None, None)
+        if reason is None:
+            usable.append(item)
+        else:
+            problems.append(Problem(participant=item.participant, session=item.session,
+                                    prefix=item.prefix, problem=reason, problem_code=code or EXIT_BAD_DATA,
+                                    target=item.target))
+    return Discovery(usable, problems)
 
 
 def _discover_session(

@@ -1,4 +1,5 @@
-"""The one writer of derivatives: names, sidecars and atomic writes of everything in ``output_dir``.
+"""The one writer of derivatives: every file bids_cl puts in ``output_dir``, named by
+:mod:`bids_cl.derivatives.spec`, written atomically.
 
 Every file is written to a temporary name in its destination folder and renamed into place, so a run
 killed at any moment leaves either the previous file or the complete new one, never half a file.
@@ -16,46 +17,12 @@ import numpy as np
 import pandas as pd
 
 from bids_cl import __version__
+from bids_cl.derivatives import spec
+from bids_cl.derivatives.records import SegmentationRecord, SkullStripRecord, TargetRecord
+from bids_cl.derivatives.spec import CODE_URL, OUTPUTS, PIPELINE_NAME, output_name
+from bids_cl.engine.lesions import summarize
 from bids_cl.utils.bids import WorkItem
 from bids_cl.utils.io import atomic_save_nifti, atomic_write, atomic_write_json, atomic_write_text
-
-PIPELINE_NAME = "bids_cl"
-CODE_URL = "https://github.com/bids-cl/bids_cl"
-BIDS_VERSION = "1.10.0"
-
-DESCRIPTIONS = {
-    "brain": "Brain mask from skull stripping of the segmented T1-weighted image",
-    "preproc": "Skull-stripped T1-weighted image (MP2RAGE UNI or MPRAGE) fed to the lesion model",
-    "lesions": "Per-lesion measurements of the cortical lesion mask (one row per lesion)",
-    "summary": "Per-image summary of the cortical lesion segmentation (lesion count, volumes)",
-}
-
-LESION_TABLE_DICTIONARY: dict[str, dict[str, str]] = {
-    "lesion_id": {"Description": "Lesion number: the value of the lesion in the connected-component "
-                  "labelling of the label-CL mask (1..N)"},
-    "voxels": {"Description": "Number of voxels in the lesion"},
-    "volume_ul": {"Description": "Lesion volume", "Units": "uL"},
-    "centroid_i": {"Description": "Lesion centroid, first voxel index", "Units": "voxel"},
-    "centroid_j": {"Description": "Lesion centroid, second voxel index", "Units": "voxel"},
-    "centroid_k": {"Description": "Lesion centroid, third voxel index", "Units": "voxel"},
-    "centroid_x": {"Description": "Lesion centroid in scanner (RAS+) coordinates, x", "Units": "mm"},
-    "centroid_y": {"Description": "Lesion centroid in scanner (RAS+) coordinates, y", "Units": "mm"},
-    "centroid_z": {"Description": "Lesion centroid in scanner (RAS+) coordinates, z", "Units": "mm"},
-    "bbox_i0": {"Description": "Bounding box start, first voxel index (inclusive)"},
-    "bbox_j0": {"Description": "Bounding box start, second voxel index (inclusive)"},
-    "bbox_k0": {"Description": "Bounding box start, third voxel index (inclusive)"},
-    "bbox_i1": {"Description": "Bounding box end, first voxel index (exclusive)"},
-    "bbox_j1": {"Description": "Bounding box end, second voxel index (exclusive)"},
-    "bbox_k1": {"Description": "Bounding box end, third voxel index (exclusive)"},
-    "mean_prob": {"Description": "Mean ensemble lesion probability inside the lesion"},
-    "max_prob": {"Description": "Maximum ensemble lesion probability inside the lesion"},
-    "uncertainty": {"Description": "Lesion-scale uncertainty from fold disagreement: 1 - mean over "
-                    "folds of the best IoU between this lesion and that fold's lesions (0 = all "
-                    "folds agree; 0 when the model has one fold)"},
-    "template_x": {"Description": "Lesion centroid in the template space of the run, x", "Units": "mm"},
-    "template_y": {"Description": "Lesion centroid in the template space of the run, y", "Units": "mm"},
-    "template_z": {"Description": "Lesion centroid in the template space of the run, z", "Units": "mm"},
-}
 
 
 def bids_uri(item_path: str, bids_dir: Path) -> str:
@@ -106,31 +73,39 @@ def write_dataset_description(output_dir: Path, bids_dir: Path,
         pass
     description = {
         "Name": "bids_cl cortical lesion segmentation",
-        "BIDSVersion": BIDS_VERSION,
+        "BIDSVersion": spec.BIDS_VERSION,
         "DatasetType": "derivative",
         "GeneratedBy": generated_by(model_provenance),
         "SourceDatasets": [source],
         "DatasetLinks": {"raw": bids_dir.resolve().as_uri()},
         "HowToAcknowledge": "Cite Molchanova et al., NeuroImage: Clinical 2026 (arXiv 2507.12092) "
-                            "for the model and bids_cl for the pipeline.",
+                            f"for the model and bids_cl for the pipeline (see {spec.CITATION_NAME}).",
     }
-    path = atomic_write_json(output_dir / "dataset_description.json", description)
+    path = atomic_write_json(output_dir / spec.DATASET_DESCRIPTION, description)
     # The validator matches folder entries without a trailing slash. Transforms follow the NiPreps
     # `_xfm` convention, which the BIDS schema does not cover yet; tables and logs are not BIDS files.
-    atomic_write_text(output_dir / ".bidsignore",
-                      "*.html\nfigures\nsub-*/log\nsub-*/figures\n*_xfm.h5\n*_xfm.json\n"
-                      "*_stats.tsv\n*_stats.json\ngroup_*\nevaluation\n")
-    rows = ["desc_id\tdescription"] + [f"desc-{k}\t{v}" for k, v in DESCRIPTIONS.items()]
-    atomic_write_text(output_dir / "descriptions.tsv", "\n".join(rows) + "\n")
+    atomic_write_text(output_dir / spec.BIDSIGNORE, "\n".join(spec.BIDSIGNORE_LINES) + "\n")
+    rows = ["desc_id\tdescription"] + [f"desc-{k}\t{v}" for k, v in spec.DESCRIPTIONS.items()]
+    atomic_write_text(output_dir / spec.DESCRIPTIONS_TSV, "\n".join(rows) + "\n")
     return path
 
 
-def _json_for(nifti: Path) -> Path:
-    name = nifti.name
-    for ext in (".nii.gz", ".nii", ".tsv", ".h5", ".mat"):
-        if name.endswith(ext):
-            return nifti.with_name(name[: -len(ext)] + ".json")
-    return nifti.with_suffix(".json")
+def write_citation(output_dir: Path, methods: list[str]) -> Path:
+    """``CITATION.md``: the methods paragraphs of the workflows that ran, ready to paste and cite."""
+    text = ("# Methods\n\nThe text below was generated by bids_cl from the workflows that ran; it may be "
+            "copied into a manuscript unchanged.\n\n" + "\n\n".join(methods) + "\n\n## References\n\n"
+            "- Molchanova N, Cagol A, Ocampo-Pineda M, et al. Benchmarking and explaining deep learning "
+            "cortical lesion MRI segmentation in multiple sclerosis. NeuroImage: Clinical 2026 "
+            "(arXiv 2507.12092). Model weights: doi:10.5281/zenodo.15911797.\n"
+            "- Isensee F, Jaeger PF, Kohl SAA, Petersen J, Maier-Hein KH. nnU-Net: a self-configuring "
+            "method for deep learning-based biomedical image segmentation. Nature Methods 2021;18:203-211.\n"
+            "- Hoopes A, Mora JS, Dalca AV, Fischl B, Hoffmann M. SynthStrip: skull-stripping for any "
+            "brain image. NeuroImage 2022;260:119474.\n"
+            "- Avants BB, Tustison NJ, Song G, et al. A reproducible evaluation of ANTs similarity metric "
+            "performance in brain image registration. NeuroImage 2011;54:2033-2044.\n"
+            "- Gorgolewski KJ, Esteban O, Markiewicz CJ, et al. Nipype: a flexible, lightweight and "
+            "extensible neuroimaging data processing framework in Python. Front Neuroinform 2011;5:13.\n")
+    return atomic_write_text(output_dir / spec.CITATION_NAME, text)
 
 
 def _copy_nifti(src: str | Path, dst: Path, dtype: Any | None = None) -> Path:
@@ -171,9 +146,13 @@ def _copy_h5(src: str | Path, dst: Path) -> Path:
     return atomic_write(dst, _write)
 
 
-def derivative_path(output_dir: Path, item: WorkItem, name: str) -> Path:
-    """``output_dir/sub-X[/ses-Y]/anat/<prefix>_<name>``."""
-    return output_dir / item.anat_dir / f"{item.prefix}_{name}"
+def derivative_path(output_dir: Path, item: WorkItem, key: str, *, space: str | None = None) -> Path:
+    """``output_dir/sub-X[/ses-Y]/anat/<name of derivative key>`` for one target."""
+    return Path(output_dir) / item.anat_dir / output_name(item.prefix, key, space=space)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(spec.sidecar_name(path.name))
 
 
 def write_target_derivatives(
@@ -183,102 +162,106 @@ def write_target_derivatives(
     *,
     brain: str,
     brain_mask: str,
-    skullstrip_info: dict[str, Any],
+    skullstrip: SkullStripRecord,
     probseg: str,
     lesion_mask: str,
     lesions_tsv: str,
-    segment_info: dict[str, Any],
+    segmentation: SegmentationRecord,
     templates: dict[str, dict[str, str]] | None = None,
 ) -> list[Path]:
     """Write every derivative of one segmentation target; returns the written paths.
 
-    ``templates`` maps a space name to ``{"mask", "probseg", "xfm", "lesions_tsv"}`` files.
+    ``templates`` maps a space name to ``{"mask", "probseg", "xfm", "lesions_tsv", "t1w"}`` files.
     The summary JSON is written last: its presence marks the target as complete.
     """
     written: list[Path] = []
     target_uri = bids_uri(item.target, bids_dir)
     strip_sources = [target_uri]
-    if skullstrip_info.get("used_inv2") and item.inv2:
+    if skullstrip.used_inv2 and item.inv2:
         strip_sources.append(bids_uri(item.inv2, bids_dir))
-    provenance = segment_info.get("provenance", {})
+    provenance = segmentation.provenance
     model_brief = {k: provenance[k] for k in ("name", "source", "doi", "trainer", "plans",
                                                "configuration", "folds", "warning")
                    if k in provenance}
+    preproc_uri = f"bids::{item.anat_dir}/{output_name(item.prefix, 'preproc')}"
 
-    path = derivative_path(output_dir, item, "desc-brain_mask.nii.gz")
+    def path_of(key: str, space: str | None = None) -> Path:
+        return derivative_path(output_dir, item, key, space=space)
+
+    path = path_of("brain_mask")
     written.append(_copy_nifti(brain_mask, path, np.uint8))
-    written.append(atomic_write_json(_json_for(path), {
+    written.append(atomic_write_json(_sidecar(path), {
         "Type": "Brain",
         "Sources": strip_sources,
-        "SkullStripStrategy": skullstrip_info.get("strategy"),
-        "SkullStripDetail": skullstrip_info.get("detail"),
+        "SkullStripStrategy": skullstrip.strategy,
+        "SkullStripDetail": skullstrip.detail,
     }))
 
-    path = derivative_path(output_dir, item, "desc-preproc_T1w.nii.gz")
+    path = path_of("preproc")
     written.append(_copy_nifti(brain, path, np.float32))
-    written.append(atomic_write_json(_json_for(path), {
+    written.append(atomic_write_json(_sidecar(path), {
         "SkullStripped": True,
         "Sources": strip_sources,
-        "Description": DESCRIPTIONS["preproc"],
+        "Description": OUTPUTS["preproc"].description,
         "Sequence": item.sequence,
-        "SkullStripStrategy": skullstrip_info.get("strategy"),
+        "SkullStripStrategy": skullstrip.strategy,
     }))
 
     seg_common = {
-        "Sources": [target_uri, f"bids::{item.anat_dir}/{item.prefix}_desc-preproc_T1w.nii.gz"],
+        "Sources": [target_uri, preproc_uri],
         "Model": model_brief,
-        "Folds": segment_info.get("folds"),
-        "TestTimeAugmentation": segment_info.get("tta"),
-        "Device": segment_info.get("device"),
+        "Folds": list(segmentation.folds),
+        "TestTimeAugmentation": segmentation.tta,
+        "Device": segmentation.device,
     }
-    path = derivative_path(output_dir, item, "label-CL_probseg.nii.gz")
+    path = path_of("probseg")
     written.append(_copy_nifti(probseg, path, np.float32))
-    written.append(atomic_write_json(_json_for(path), {
-        "Description": "Ensemble (mean over folds) probability of cortical lesion",
+    written.append(atomic_write_json(_sidecar(path), {
+        "Description": OUTPUTS["probseg"].description,
         **seg_common,
     }))
 
-    path = derivative_path(output_dir, item, "label-CL_mask.nii.gz")
+    path = path_of("lesion_mask")
     written.append(_copy_nifti(lesion_mask, path, np.uint8))
     mask_meta = {
         "Type": "Lesion",
-        "Description": "Cortical lesions (leukocortical, intracortical, juxtacortical), binary",
+        "Description": OUTPUTS["lesion_mask"].description,
         **seg_common,
-        "Threshold": segment_info.get("threshold"),
-        "ThresholdSource": segment_info.get("threshold_source"),
-        "Connectivity": segment_info.get("connectivity"),
-        "MinLesionSize": segment_info.get("min_lesion_size"),
-        "MinLesionSizeSource": segment_info.get("min_lesion_size_source"),
+        "Threshold": segmentation.threshold,
+        "ThresholdSource": segmentation.threshold_source,
+        "Connectivity": segmentation.connectivity,
+        "MinLesionSize": segmentation.min_lesion_size,
+        "MinLesionSizeSource": segmentation.min_lesion_size_source,
     }
-    written.append(atomic_write_json(_json_for(path), mask_meta))
+    written.append(atomic_write_json(_sidecar(path), mask_meta))
 
     lesions = pd.read_csv(lesions_tsv, sep="\t")
     spaces: list[str] = []
     for space, files in (templates or {}).items():
         spaces.append(space)
-        space_path = derivative_path(output_dir, item, f"space-{space}_label-CL_mask.nii.gz")
+        space_path = path_of("space_mask", space)
         written.append(_copy_nifti(files["mask"], space_path, np.uint8))
-        written.append(atomic_write_json(_json_for(space_path), {
+        written.append(atomic_write_json(_sidecar(space_path), {
             **mask_meta, "Description": f"Cortical lesion mask resampled to {space} "
             "(nearest neighbour)", "SpatialReference": space}))
-        space_path = derivative_path(output_dir, item, f"space-{space}_label-CL_probseg.nii.gz")
+        space_path = path_of("space_probseg", space)
         written.append(_copy_nifti(files["probseg"], space_path, np.float32))
-        written.append(atomic_write_json(_json_for(space_path), {
+        written.append(atomic_write_json(_sidecar(space_path), {
             **seg_common, "Description": f"Lesion probability resampled to {space} (linear)",
             "SpatialReference": space}))
         if files.get("t1w"):
-            space_path = derivative_path(output_dir, item, f"space-{space}_desc-preproc_T1w.nii.gz")
+            space_path = path_of("space_preproc", space)
             written.append(_copy_nifti(files["t1w"], space_path, np.float32))
-            written.append(atomic_write_json(_json_for(space_path), {
+            written.append(atomic_write_json(_sidecar(space_path), {
                 "SkullStripped": True, "SpatialReference": space,
                 "Description": f"Skull-stripped T1-weighted image registered to {space} (linear)",
-                "Sources": [f"bids::{item.anat_dir}/{item.prefix}_desc-preproc_T1w.nii.gz"]}))
-        xfm_path = derivative_path(output_dir, item, f"from-T1w_to-{space}_mode-image_xfm.h5")
+                "Sources": [preproc_uri]}))
+        xfm_path = path_of("xfm", space)
         written.append(_copy_h5(files["xfm"], xfm_path))
-        written.append(atomic_write_json(_json_for(xfm_path), {
+        written.append(atomic_write_json(_sidecar(xfm_path), {
             "FromSpace": "T1w", "ToSpace": space,
             "Method": "antspyx affine + SyN (fixed seed), composite ITK transform",
-            "Sources": [f"bids::{item.anat_dir}/{item.prefix}_desc-preproc_T1w.nii.gz"],
+            "Sources": [preproc_uri],
         }))
         if files.get("lesions_tsv"):
             # Template coordinates come from the first space only (the table has one set).
@@ -286,57 +269,52 @@ def write_target_derivatives(
             if len(spaces) == 1 and len(with_coords) == len(lesions):
                 lesions = with_coords
 
-    path = derivative_path(output_dir, item, "label-CL_desc-lesions_stats.tsv")
+    path = path_of("lesions")
     written.append(atomic_write_text(path, lesions.to_csv(sep="\t", index=False,
                                                           float_format="%.6g")))
-    dictionary = {c: dict(LESION_TABLE_DICTIONARY.get(c, {"Description": c})) for c in lesions.columns}
+    dictionary = {c: dict(spec.LESION_TABLE_DICTIONARY[c]) for c in lesions.columns}
     if spaces:
-        for c in ("template_x", "template_y", "template_z"):
+        for c in spec.TEMPLATE_COLUMNS:
             if c in dictionary:
                 dictionary[c]["Description"] += f" ({spaces[0]})"
-    written.append(atomic_write_json(_json_for(path), dictionary))
+    written.append(atomic_write_json(_sidecar(path), dictionary))
 
-    engine_summary = dict(segment_info.get("summary", {}))
     summary = {
-        "LesionCount": int(len(lesions)),
-        "TotalVolume_uL": float(lesions["volume_ul"].sum()) if len(lesions) else 0.0,
-        "MedianVolume_uL": float(lesions["volume_ul"].median()) if len(lesions) else 0.0,
-        # Timings differ from run to run: they go to the log, so derivatives are byte-identical.
-        **{k: v for k, v in engine_summary.items()
-           if k not in ("LesionCount", "TotalVolume_uL", "MedianVolume_uL", "Timings")},
+        **summarize(lesions, segmentation),
         "Sequence": item.sequence,
         "FieldStrength": item.field_strength,
-        "SkullStripStrategy": skullstrip_info.get("strategy"),
-        "Model": provenance,
-        "Threshold": segment_info.get("threshold"),
-        "Connectivity": segment_info.get("connectivity"),
-        "MinLesionSize": segment_info.get("min_lesion_size"),
+        "SkullStripStrategy": skullstrip.strategy,
         "Inputs": item.to_dict(),
-        "Warnings": [*skullstrip_info.get("warnings", []), *segment_info.get("warnings", [])],
+        "Warnings": [*skullstrip.warnings, *segmentation.all_warnings],
         "Space": spaces,
         "GeneratedBy": {"Name": PIPELINE_NAME, "Version": __version__},
     }
-    path = derivative_path(output_dir, item, "label-CL_desc-summary_stats.json")
-    written.append(atomic_write_json(path, summary))
+    summary = {key: summary[key] for key in spec.SUMMARY_FIELDS}  # the contract's keys, in its order
+    written.append(atomic_write_json(path_of("summary"), summary))
     return written
 
 
 def write_participant_log(output_dir: Path, participant: str, run_uuid: str, *,
                           config_toml: str, items: list[WorkItem]) -> Path:
     """``sub-X/log/<run_uuid>/``: the run's configuration and discovery record."""
-    log_dir = output_dir / f"sub-{participant}" / "log" / run_uuid
-    atomic_write_text(log_dir / "bids_cl.toml", config_toml)
-    atomic_write_json(log_dir / "discovery.json", [i.to_dict() for i in items])
+    log_dir = spec.log_dir(output_dir, participant, run_uuid)
+    atomic_write_text(log_dir / spec.CONFIG_NAME, config_toml)
+    atomic_write_json(log_dir / spec.DISCOVERY_NAME, [i.to_dict() for i in items])
     return log_dir
+
+
+def write_target_record(log_dir: Path, record: TargetRecord) -> Path:
+    """``<log_dir>/targets/<prefix>.json``: how the target ended (read by the runner)."""
+    return atomic_write_text(Path(log_dir) / spec.RECORDS_DIR / f"{record.prefix}.json", record.to_json())
 
 
 def write_crash_note(log_dir: Path, prefix: str, reason: str, code: int, crash_files: list[str]
                      ) -> Path:
     """A one-line reason per failed target, for the report and the user."""
-    text = f"{prefix}\texit {code}\t{reason}\n" + "".join(f"crash file: {c}\n" for c in crash_files)
-    return atomic_write_text(log_dir / f"crash-{prefix}.txt", text)
+    return atomic_write_text(Path(log_dir) / spec.crash_note_name(prefix),
+                             spec.format_crash_note(prefix, reason, code, crash_files))
 
 
 def write_timings(log_dir: Path, timings: dict[str, dict[str, float]]) -> Path:
     """Per-target stage timings of this run (kept out of the derivatives: they differ per run)."""
-    return atomic_write_json(log_dir / "timings.json", timings)
+    return atomic_write_json(Path(log_dir) / spec.TIMINGS_NAME, timings)

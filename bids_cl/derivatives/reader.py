@@ -1,8 +1,8 @@
-"""Read what participant runs left in the output folder (the derivatives contract, nothing else).
+"""Read what participant runs left in the output folder: exactly what :mod:`.writer` writes, named by
+:mod:`.spec`, and nothing else.
 
 Both the participant report and the group level go through these functions, so the two always agree on
-which targets exist, which failed and where each file lives (docs/dev/architecture.md, "Derivatives
-layout").
+which targets exist, which failed and where each file lives (docs/dev/architecture.md, "Derivatives").
 """
 
 from __future__ import annotations
@@ -16,15 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-LOGGER = logging.getLogger("bids_cl.reports")
+from bids_cl.derivatives import spec
 
-SUMMARY_SUFFIX = "_label-CL_desc-summary_stats.json"
-LESIONS_SUFFIX = "_label-CL_desc-lesions_stats.tsv"
-LESION_COLUMNS = [
-    "lesion_id", "voxels", "volume_ul", "centroid_i", "centroid_j", "centroid_k",
-    "centroid_x", "centroid_y", "centroid_z", "bbox_i0", "bbox_j0", "bbox_k0",
-    "bbox_i1", "bbox_j1", "bbox_k1", "mean_prob", "max_prob", "uncertainty",
-]
+LOGGER = logging.getLogger("bids_cl.derivatives")
 
 
 def participant_label(label: str) -> str:
@@ -50,43 +44,34 @@ class TargetOutputs:
     anat_dir: Path
     summary: dict[str, Any]
 
-    def path(self, suffix: str) -> Path:
-        """``<anat_dir>/<prefix>_<suffix>`` (suffix without the leading underscore)."""
-        return self.anat_dir / f"{self.prefix}_{suffix}"
+    def path(self, key: str, *, space: str | None = None) -> Path:
+        """The file of derivative ``key`` (a key of ``spec.OUTPUTS``) of this target."""
+        return self.anat_dir / spec.output_name(self.prefix, key, space=space)
 
     @property
     def summary_path(self) -> Path:
-        return self.anat_dir / f"{self.prefix}{SUMMARY_SUFFIX}"
+        return self.path("summary")
 
     @property
     def lesions_path(self) -> Path:
-        return self.anat_dir / f"{self.prefix}{LESIONS_SUFFIX}"
+        return self.path("lesions")
 
     @property
     def inputs(self) -> dict[str, Any]:
-        value = self.summary.get("Inputs")
-        return value if isinstance(value, dict) else {}
+        """The discovery record of the target (the summary's ``Inputs``)."""
+        return self.summary["Inputs"]
 
     @property
     def spaces(self) -> list[str]:
-        """Template spaces with a lesion mask on disk (the summary's ``Space`` plus what the glob finds)."""
-        declared = self.summary.get("Space") or []
-        if isinstance(declared, str):
-            declared = [declared]
-        found = []
-        for path in sorted(self.anat_dir.glob(f"{self.prefix}_space-*_label-CL_mask.nii.gz")):
-            match = re.match(re.escape(self.prefix) + r"_space-([A-Za-z0-9]+)_label-CL_mask",
-                             path.name)
-            if match:
-                found.append(match.group(1))
-        return [s for s in dict.fromkeys([*declared, *found]) if self.space_mask(s).exists()]
+        """Template spaces of the summary's ``Space`` whose lesion mask is on disk."""
+        return [s for s in self.summary["Space"] if self.space_mask(s).exists()]
 
     def space_mask(self, space: str) -> Path:
-        return self.path(f"space-{space}_label-CL_mask.nii.gz")
+        return self.path("space_mask", space=space)
 
     def lesions(self) -> pd.DataFrame:
         """The per-lesion table; an empty frame with the contract columns when absent or empty."""
-        return read_tsv(self.lesions_path, LESION_COLUMNS)
+        return read_tsv(self.lesions_path, spec.LESION_COLUMNS)
 
 
 def read_tsv(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
@@ -111,12 +96,12 @@ def collect_targets(out_dir: Path, participant: str) -> list[TargetOutputs]:
     label = participant_label(participant)
     sub_dir = Path(out_dir) / f"sub-{label}"
     targets = []
-    for path in list(sub_dir.glob(f"anat/*{SUMMARY_SUFFIX}")) + list(
-            sub_dir.glob(f"ses-*/anat/*{SUMMARY_SUFFIX}")):
+    pattern = spec.summary_glob()
+    for path in list(sub_dir.glob(f"anat/{pattern}")) + list(sub_dir.glob(f"ses-*/anat/{pattern}")):
         summary = read_json(path)
-        if not isinstance(summary, dict):
+        prefix = spec.prefix_of_summary(path.name)
+        if not isinstance(summary, dict) or prefix is None:
             continue
-        prefix = path.name[: -len(SUMMARY_SUFFIX)]
         session = path.parent.parent.name[4:] if path.parent.parent.name.startswith("ses-") \
             else None
         targets.append(TargetOutputs(label, session, prefix, path.parent, summary))
@@ -135,25 +120,19 @@ class Crash:
 
     @property
     def reason(self) -> str:
-        """First non-empty line: crash files hold a one-line reason first.
-
-        The workflow writes it as ``<prefix>\texit <code>\t<reason>``; that is shown as
-        ``<prefix>: <reason> (exit <code>)``; any other first line is shown as it is.
-        """
-        for line in self.text.splitlines():
-            if line.strip():
-                parts = line.strip().split("\t")
-                if len(parts) == 3 and parts[1].startswith("exit "):
-                    return f"{parts[0]}: {parts[2]} ({parts[1]})"
-                return " ".join(p for p in parts if p)
-        return "(empty crash file)"
+        """``<prefix>: <reason> (exit <code>)`` from the crash note's first line (spec.format_crash_note)."""
+        parsed = spec.parse_crash_note(self.text)
+        if parsed is None:
+            return "(unreadable crash note)"
+        prefix, code, reason = parsed
+        return f"{prefix}: {reason} (exit {code})"
 
 
 def collect_crashes(out_dir: Path, participant: str, *, max_chars: int = 20000) -> list[Crash]:
     """Crash files of every logged run, newest first (large tracebacks are truncated)."""
     sub_dir = Path(out_dir) / f"sub-{participant_label(participant)}"
     crashes = []
-    for path in sub_dir.glob("log/*/crash-*.txt"):
+    for path in sub_dir.glob(f"{spec.LOG_DIR}/*/{spec.CRASH_PREFIX}*.txt"):
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
             mtime = path.stat().st_mtime
@@ -168,7 +147,7 @@ def collect_crashes(out_dir: Path, participant: str, *, max_chars: int = 20000) 
 
 def latest_run_dir(out_dir: Path, participant: str) -> Path | None:
     """The most recent ``sub-X/log/<run_uuid>/`` (by modification time), if any."""
-    runs = [p for p in (Path(out_dir) / f"sub-{participant_label(participant)}" / "log").glob("*")
+    runs = [p for p in (Path(out_dir) / f"sub-{participant_label(participant)}" / spec.LOG_DIR).glob("*")
             if p.is_dir()]
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
@@ -176,11 +155,10 @@ def latest_run_dir(out_dir: Path, participant: str) -> Path | None:
 def run_timings(out_dir: Path, participant: str, prefix: str) -> dict[str, Any]:
     """Stage timings of a target from the newest ``sub-X/log/*/timings.json`` that has it.
 
-    The workflow keeps timings in the log rather than in the summary JSON (they differ per run);
-    the summary's ``Timings`` key, when present, wins over this.
+    Timings differ per run, so the runner keeps them in the log, never in the derivatives.
     """
-    logs = [p for p in (Path(out_dir) / f"sub-{participant_label(participant)}" / "log")
-            .glob("*/timings.json")]
+    logs = [p for p in (Path(out_dir) / f"sub-{participant_label(participant)}" / spec.LOG_DIR)
+            .glob(f"*/{spec.TIMINGS_NAME}")]
     for path in sorted(logs, key=lambda p: p.stat().st_mtime, reverse=True):
         data = read_json(path)
         if isinstance(data, dict) and isinstance(data.get(prefix), dict):
@@ -191,18 +169,10 @@ def run_timings(out_dir: Path, participant: str, prefix: str) -> dict[str, Any]:
 def expected_prefixes(out_dir: Path, participant: str) -> list[str]:
     """Prefixes the latest run set out to process, from its ``discovery.json`` (empty if unknown)."""
     run = latest_run_dir(out_dir, participant)
-    if run is None or not (run / "discovery.json").exists():
+    if run is None or not (run / spec.DISCOVERY_NAME).exists():
         return []
-    data = read_json(run / "discovery.json")
-    items: list[Any] = []
-    if isinstance(data, list):
-        items = data
-    elif isinstance(data, dict):
-        # Tolerate a wrapper object: any list of WorkItem-like dicts.
-        for value in data.values():
-            if isinstance(value, list) and value and isinstance(value[0], dict):
-                items.extend(value)
-    prefixes = [str(i["prefix"]) for i in items if isinstance(i, dict) and i.get("prefix")]
+    items = read_json(run / spec.DISCOVERY_NAME) or []
+    prefixes = [str(i["prefix"]) for i in items]
     label = participant_label(participant)
     return [p for p in dict.fromkeys(prefixes) if p.startswith(f"sub-{label}_") or
             p == f"sub-{label}"]
@@ -260,21 +230,11 @@ def output_participants(out_dir: Path) -> list[str]:
     return sorted((p.name[4:] for p in Path(out_dir).glob("sub-*") if p.is_dir()), key=natural_key)
 
 
-def model_name(model: Any) -> str | None:
-    """A short name for the Model provenance dict (its exact keys belong to the engine)."""
-    if isinstance(model, str):
-        return model
-    if not isinstance(model, dict):
-        return None
-    for key in ("name", "Name", "model_name", "ModelName", "id", "model"):
-        if model.get(key):
-            return str(model[key])
-    return None
+def model_name(model: dict[str, Any]) -> str | None:
+    """The model's name in a summary's ``Model`` provenance."""
+    return str(model["name"]) if model.get("name") else None
 
 
-def model_warning(model: Any) -> str | None:
-    if isinstance(model, dict):
-        for key in ("warning", "Warning"):
-            if model.get(key):
-                return str(model[key])
-    return None
+def model_warning(model: dict[str, Any]) -> str | None:
+    """The model's own warning (e.g. the demo model's) in a summary's ``Model`` provenance."""
+    return str(model["warning"]) if model.get("warning") else None

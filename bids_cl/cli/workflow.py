@@ -1,0 +1,233 @@
+"""Running the participant level: preflight, the Nipype run, and what the user sees afterwards.
+
+The graph is built by :mod:`bids_cl.workflows.base`; this module resolves the request on this machine
+(:class:`~bids_cl.config.ResolvedRun`: device, threads, memory, the model verified once for the whole
+run), runs the graph with the chosen plugin, reads each target's
+:class:`~bids_cl.derivatives.records.TargetRecord`, and writes logs, timings, reports and the methods text.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bids_cl.config import ResolvedRun, RunConfig
+from bids_cl.derivatives import spec, writer
+from bids_cl.derivatives.records import STATUS_FAILED, TargetRecord
+from bids_cl.errors import (
+    EXIT_CANNOT_CREATE_OUTPUT,
+    EXIT_FAILURE,
+    EXIT_OK,
+    BidsClError,
+    output_error,
+)
+from bids_cl.utils.bids import WorkItem
+
+LOGGER = logging.getLogger("bids_cl.workflow")
+
+# Plugins that run nodes on this machine; every other one submits jobs to a cluster scheduler.
+IN_PROCESS_PLUGINS = ("MultiProc", "LegacyMultiProc", "Linear", "Debug")
+
+
+def resolve_run(config: RunConfig) -> tuple[ResolvedRun, dict[str, Any]]:
+    """Fail fast, before any work: model present and trusted, templates present, device usable.
+
+    Returns what the request resolves to here, and the model's provenance. The model's lock is
+    verified here, once for the run; the segmentation nodes load the verified folder.
+    """
+    from bids_cl.engine import load_model
+    from bids_cl.engine.segmentation import resolve_device
+    from bids_cl.utils.resources import effective_cpus, effective_mem_mb
+
+    model = load_model(config.model)
+    if config.folds is not None:
+        model.select_folds(config.folds)  # a fold the model lacks is a usage error, before any work
+    if config.output_spaces:
+        from bids_cl.preproc import check_templates
+
+        check_templates(config.output_spaces)
+    device = resolve_device(config.device).type
+    if device == "cpu" and config.device == "auto":
+        LOGGER.warning("No CUDA device found: segmenting on the CPU (slower; test-time "
+                       "augmentation off unless asked).")
+    nprocs, omp_nthreads = effective_cpus(config.nprocs, config.omp_nthreads)
+    resolved = ResolvedRun(device=device, nprocs=nprocs, omp_nthreads=omp_nthreads,
+                           mem_mb=effective_mem_mb(config.mem_mb), model=config.model,
+                           random_seed=config.random_seed)
+    return resolved, model.provenance
+
+
+def plugin_settings(config: RunConfig, resolved: ResolvedRun) -> tuple[str, dict[str, Any]]:
+    """The Nipype plugin and its arguments: the user's, completed with this run's resources."""
+    plugin = config.plugin or "MultiProc"
+    args = dict(config.plugin_args)
+    if plugin in ("MultiProc", "LegacyMultiProc"):
+        args.setdefault("n_procs", resolved.nprocs)
+        if resolved.mem_mb:
+            args.setdefault("memory_gb", resolved.mem_mb / 1024)
+        args.setdefault("raise_insufficient", False)
+        args.setdefault("maxtasksperchild", 1)
+        # Workers must be forked: a forked worker inherits bids_cl's logging (Nipype's stdout handler
+        # removed, cli/run.py), a spawned or forkserver one re-imports Nipype and prints its INFO lines
+        # on the console. Python 3.14 makes forkserver the Linux default, so name fork explicitly.
+        if "fork" in multiprocessing.get_all_start_methods():
+            args.setdefault("mp_context", "fork")
+        if resolved.device == "cuda":
+            args.setdefault("n_gpu_procs", 1)
+    return plugin, args
+
+
+def _user_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (a container run with --user)
+        return f"uid{os.getuid()}"
+
+
+def _unrecorded_failure(item: WorkItem, crash_dir: Path) -> tuple[str, int, list[str]]:
+    """Reason and code of a target that left no record (a node killed, or a record it could not write).
+
+    Nipype's crash files for the target are the only evidence left: the last exception line is the
+    reason; a full disk is exit 73 as everywhere else.
+    """
+    import re
+
+    files = sorted(crash_dir.glob("crash-*")) if crash_dir.is_dir() else []
+    mine = [f for f in files if re.sub(r"[^0-9a-zA-Z]", "_", item.prefix) in f.name] or files
+    for crash in mine:
+        lines = [ln.strip() for ln in crash.read_text(errors="replace").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if re.match(r"^[A-Za-z_.]+(Error|Exception)\b", ln)]
+        if errors:
+            last = errors[-1]
+            code = EXIT_CANNOT_CREATE_OUTPUT if "No space left" in last or "Disk quota" in last \
+                else EXIT_FAILURE
+            return last[:300], code, [str(f) for f in mine]
+    return ("the workflow stopped before this target finished (no record; see the Nipype crash "
+            "files)", EXIT_FAILURE, [str(f) for f in mine])
+
+
+def _outcome(config: RunConfig, item: WorkItem, log_dir: Path) -> TargetRecord:
+    """The target's record of this run (read, never inferred from which files exist)."""
+    from bids_cl.workflows.base import nipype_crash_dir, record_file
+
+    path = record_file(config, item)
+    if path.is_file():
+        try:
+            return TargetRecord.read(path)
+        except (OSError, ValueError) as exc:
+            LOGGER.warning("unreadable record %s: %s", path, exc)
+    reason, code, files = _unrecorded_failure(item, nipype_crash_dir(config, item.participant))
+    return TargetRecord(prefix=item.prefix, status=STATUS_FAILED, exit_code=code, reason=reason,
+                        outputs=files)
+
+
+def run_participants(config: RunConfig, items: list[WorkItem], problems: list[WorkItem], *,
+                     log_file: Path) -> int:
+    """Build and run the workflow; write logs, reports and an exit code per the BIDS-Apps spec.
+
+    ``items`` are the usable targets, ``problems`` the targets discovery found unusable (each reported,
+    none run). One failing target never stops the others; the process exits non-zero when any failed.
+    """
+    from bids_cl.workflows.base import collect_methods, init_bids_cl_wf
+
+    resolved, model_provenance = resolve_run(config)
+    resolved.apply_environment()
+    try:
+        config.work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BidsClError(f"cannot create the work directory {config.work_dir}: {exc.strerror}",
+                          EXIT_CANNOT_CREATE_OUTPUT) from None
+
+    workflow = init_bids_cl_wf(config=config, resolved=resolved, items=items)
+    participants = sorted({i.participant for i in [*items, *problems]})
+    try:
+        writer.write_dataset_description(config.output_dir, config.bids_dir, model_provenance)
+        writer.write_citation(config.output_dir, collect_methods(workflow))
+        log_dirs = {
+            p: writer.write_participant_log(config.output_dir, p, config.run_uuid,
+                                            config_toml=config.to_toml(resolved),
+                                            items=[i for i in [*items, *problems] if i.participant == p])
+            for p in participants
+        }
+    except OSError as exc:
+        raise (output_error(exc) or exc) from None
+
+    workflow.config["execution"].update({
+        "crashfile_format": "txt",
+        "stop_on_first_crash": False,
+        "remove_unnecessary_outputs": False,
+        "hash_method": "content",
+    })
+    workflow.config["monitoring"] = {"enabled": False}
+    plugin, plugin_args = plugin_settings(config, resolved)
+    # How often Nipype checks on running nodes. Locally that is cheap; on a cluster each check is a
+    # squeue/qstat call per job, which schedulers ask users to keep rare.
+    workflow.config["execution"]["poll_sleep_duration"] = float(plugin_args.pop(
+        "poll_sleep_duration", 0.2 if plugin in IN_PROCESS_PLUGINS else 10.0))
+    if plugin not in IN_PROCESS_PLUGINS:
+        # Nipype's cluster plugins (SLURM, SGE, PBS, LSF, OAR) name each job after os.environ["LOGNAME"]
+        # and raise KeyError where it is unset (containers, cron, some batch shells).
+        os.environ.setdefault("LOGNAME", _user_name())
+    LOGGER.info("Running %d target(s) of %d participant(s) with %s %s",
+                len(items), len(participants), plugin, plugin_args)
+    start = time.perf_counter()
+    if items:
+        try:
+            workflow.run(plugin=plugin, plugin_args=plugin_args)
+        except Exception as exc:  # Nipype raises when any node failed; the records say which and why
+            LOGGER.debug("workflow finished with errors: %s", exc)
+    elapsed = time.perf_counter() - start
+
+    outcomes = {item.prefix: _outcome(config, item, log_dirs[item.participant]) for item in items}
+    failures: list[tuple[WorkItem, str, int]] = []
+    for item in problems:
+        code = item.problem_code or EXIT_FAILURE
+        writer.write_crash_note(log_dirs[item.participant], item.prefix, item.problem or "", code, [])
+        failures.append((item, item.problem or "", code))
+    for item in items:
+        record = outcomes[item.prefix]
+        if not record.ok:
+            crash_files = sorted(str(p) for p in (log_dirs[item.participant] / spec.NIPYPE_CRASH_DIR
+                                                  ).glob("crash-*"))
+            writer.write_crash_note(log_dirs[item.participant], item.prefix, record.reason or "",
+                                    record.exit_code, crash_files)
+            failures.append((item, record.reason or "", record.exit_code))
+
+    for participant, log_dir in log_dirs.items():
+        writer.write_timings(log_dir, {i.prefix: outcomes[i.prefix].timings for i in items
+                                       if i.participant == participant and outcomes[i.prefix].ok})
+        shutil.copyfile(log_file, log_dir / spec.LOG_NAME)
+    _write_reports(config, participants)
+
+    for item in items:
+        if outcomes[item.prefix].ok:
+            summary = json.loads((config.output_dir / item.anat_dir
+                                  / spec.output_name(item.prefix, "summary")).read_text())
+            print(f"{item.prefix}: {summary['LesionCount']} cortical lesion(s), "
+                  f"{summary['TotalVolume_uL']:.1f} uL", file=sys.stdout)
+    LOGGER.info("Finished in %.1f s", elapsed)
+    if not failures:
+        return EXIT_OK
+    for item, reason, code in failures:
+        print(f"bids_cl: error: {item.prefix} failed (exit {code}): {reason} "
+              f"[log: {log_dirs[item.participant]}]", file=sys.stderr)
+    codes = {code for _, _, code in failures}
+    return codes.pop() if len(codes) == 1 else EXIT_FAILURE
+
+
+def _write_reports(config: RunConfig, participants: list[str]) -> None:
+    from bids_cl.reports import generate_participant_report
+
+    for participant in participants:
+        try:
+            generate_participant_report(config.output_dir, participant)
+        except Exception as exc:  # a report problem must not fail a finished segmentation
+            LOGGER.warning("report for sub-%s failed: %s", participant, exc)
