@@ -12,6 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from bids_cl.engine import cli as models_cli
+from bids_cl.engine import registry
+from bids_cl.engine import testing as T
 from bids_cl.errors import BidsClError
 from bids_cl.preproc import skull_strip
 from bids_cl.preproc import skullstrip as S
@@ -46,6 +49,15 @@ def colin():
 @pytest.fixture()
 def no_synthstrip(monkeypatch, tmp_path):
     monkeypatch.setenv("FREESURFER_HOME", str(tmp_path / "no_freesurfer"))
+    monkeypatch.setenv("BIDS_CL_HOME", str(tmp_path / "empty_bids_cl_home"))  # nothing installed either
+
+
+@pytest.fixture()
+def home(monkeypatch, tmp_path):
+    """An empty $BIDS_CL_HOME and no FreeSurfer: SynthStrip only where a test puts it."""
+    monkeypatch.setenv("BIDS_CL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FREESURFER_HOME", raising=False)
+    return tmp_path / "home"
 
 
 def _check_result(res, img) -> np.ndarray:
@@ -175,13 +187,13 @@ def test_argument_errors(tmp_path):
     assert err.value.code == 65 and "empty" in str(err.value)
 
 
-def test_synthstrip_without_weights_says_where_to_put_them(tmp_path, monkeypatch):
-    monkeypatch.delenv("FREESURFER_HOME", raising=False)
+def test_synthstrip_without_weights_says_where_to_put_them(tmp_path, home):
     img = nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4))
     with pytest.raises(BidsClError) as err:
         skull_strip(img, strategy="synthstrip")
     assert err.value.code == 66
     assert "synthstrip.1.pt" in str(err.value) and "FREESURFER_HOME" in str(err.value)
+    assert "bids_cl-models install synthstrip" in str(err.value)
     for strategy in ("synthstrip", "auto"):  # an explicit path that is wrong is never skipped silently
         with pytest.raises(BidsClError) as err:
             skull_strip(img, strategy=strategy, synthstrip_model=tmp_path / "nope.pt")
@@ -199,10 +211,9 @@ def test_synthstrip_pipeline_with_stand_in_weights(colin, tmp_path, monkeypatch)
     head, ref = colin
     stripped = nib.Nifti1Image(np.where(ref, head.get_fdata(dtype=np.float32), 0), head.affine)
     fs_home = tmp_path / "fs"
-    (fs_home / "models").mkdir(parents=True)
-    torch.save({"model_state_dict": model_mod.StripModel().state_dict()},
-               fs_home / "models" / "synthstrip.1.pt")
+    T.write_synthstrip_checkpoint(fs_home / "models" / "synthstrip.1.pt")
     monkeypatch.setenv("FREESURFER_HOME", str(fs_home))
+    monkeypatch.setenv("BIDS_CL_HOME", str(tmp_path / "home"))
     # Conforming overshoots (spline), so the scaled background is a constant > 0: the most common
     # value, i.e. the median here. Tissue above it is "inside" (distance -2 mm).
     monkeypatch.setattr(model_mod.StripModel, "forward",
@@ -230,3 +241,142 @@ def test_mp2rage_phantom_inv2(no_synthstrip):
     mask = _check_result(res, uni)
     assert res.strategy == "inv2" and "INV2" in res.detail
     assert dice(mask, phantom.brain_mask) > 0.93
+
+
+# --- SynthStrip weights: install, lock, lookup, trust ------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this creates ``marker`` (a stand-in for code run from a malicious checkpoint)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204 (pickle protocol)
+        return (open, (str(self.marker), "w"))
+
+
+def test_install_synthstrip_from_file_lock_list_and_lookup_order(home, tmp_path, monkeypatch, capsys):
+    weights = T.write_synthstrip_checkpoint(tmp_path / "dl" / "synthstrip.1.pt", seed=1)
+    assert S.find_synthstrip_weights() is None
+    assert models_cli.main(["install", "synthstrip", "--from-file", str(weights)]) == 0
+    installed = home / "models" / "synthstrip" / "synthstrip.1.pt"
+    assert installed.read_bytes() == weights.read_bytes()
+    from bids_cl.engine.lockfile import read_lock_file, sha256_file, verify_lock_file
+
+    lock = read_lock_file(installed.parent)
+    assert verify_lock_file(installed.parent) == []
+    assert lock["files"] == {"synthstrip.1.pt": sha256_file(weights)}
+    assert lock["source"]["origin"] == "unverified source"
+    capsys.readouterr()
+    assert models_cli.main(["list"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("synthstrip "))
+    assert "installed" in row
+    assert models_cli.main(["verify"]) == 0 and "synthstrip: OK" in capsys.readouterr().out
+    assert models_cli.main(["install", "synthstrip", "--from-file", str(weights)]) == 73  # already there
+    from bids_cl.engine.models import load_model
+
+    with pytest.raises(BidsClError) as err:
+        load_model("synthstrip")
+    assert err.value.code == 64  # skull-stripping weights are no segmentation model
+
+    # lookup order: --synthstrip-model, then the installed copy, then $FREESURFER_HOME
+    fs = T.write_synthstrip_checkpoint(tmp_path / "fs" / "models" / "synthstrip.1.pt", seed=2)
+    monkeypatch.setenv("FREESURFER_HOME", str(tmp_path / "fs"))
+    assert S.find_synthstrip_weights() == installed
+    assert S.find_synthstrip_weights(weights) == weights
+    import shutil
+
+    shutil.rmtree(installed.parent)
+    assert S.find_synthstrip_weights() == fs
+
+
+def test_install_synthstrip_without_a_file_copies_freesurfers_or_says_where_to_get_it(
+        home, tmp_path, monkeypatch, capsys):
+    assert models_cli.main(["install", "synthstrip"]) == 66
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "FreeSurfer >= 7.3" in err and "freesurfer/synthstrip" in err
+    assert "--from-file" in err and not (home / "models" / "synthstrip").exists()
+    T.write_synthstrip_checkpoint(tmp_path / "fs" / "models" / "synthstrip.1.pt")
+    monkeypatch.setenv("FREESURFER_HOME", str(tmp_path / "fs"))
+    capsys.readouterr()
+    assert models_cli.main(["list"]) == 0
+    assert "in FreeSurfer" in next(line for line in capsys.readouterr().out.splitlines()
+                                   if line.startswith("synthstrip "))
+    assert models_cli.main(["install", "synthstrip"]) == 0
+    from bids_cl.engine.lockfile import read_lock_file
+
+    assert read_lock_file(home / "models" / "synthstrip")["source"]["installed_from"] == \
+        "FreeSurfer installation"
+
+
+def test_tampered_or_foreign_synthstrip_weights_are_refused(home, tmp_path):
+    weights = T.write_synthstrip_checkpoint(tmp_path / "synthstrip.1.pt")
+    assert models_cli.main(["install", "synthstrip", "--from-file", str(weights)]) == 0
+    installed = registry.installed_synthstrip()
+    with open(installed, "ab") as fh:
+        fh.write(b"\0")
+    img = nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4))
+    for strategy in ("auto", "synthstrip"):  # never a silent fall-back to deepbet
+        with pytest.raises(BidsClError) as err:
+            skull_strip(img, strategy=strategy)
+        assert err.value.code == 65 and "changed file" in str(err.value)
+    assert models_cli.main(["verify", "synthstrip"]) == 65
+
+    import torch
+
+    other = tmp_path / "not_synthstrip.pt"
+    torch.save({"model_state_dict": {"conv.weight": torch.zeros(1)}}, other)
+    assert models_cli.main(["install", "synthstrip", "--from-file", str(other), "--force"]) == 65
+    assert installed.is_file()  # the refused file replaced nothing
+
+
+def test_crafted_synthstrip_checkpoint_is_refused_without_side_effect(home, tmp_path):
+    import torch
+
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "synthstrip.1.pt"
+    state = torch.load(T.write_synthstrip_checkpoint(tmp_path / "ok.pt"), weights_only=True)
+    torch.save({**state, "epoch": _Payload(marker)}, evil)
+    img = nib.Nifti1Image(np.ones((16, 16, 16), np.float32), np.eye(4))
+    for strategy in ("auto", "synthstrip"):
+        with pytest.raises(BidsClError) as err:
+            skull_strip(img, strategy=strategy, synthstrip_model=evil)
+        assert err.value.code == 65 and "allow-list" in str(err.value)
+        assert not marker.exists()
+    assert models_cli.main(["install", "synthstrip", "--from-file", str(evil)]) == 65
+    assert not marker.exists() and not (home / "models" / "synthstrip").exists()
+
+
+@pytest.mark.slow
+def test_participant_run_uses_the_installed_synthstrip(home, tmp_path):
+    """The whole chain: install from file, lock verified, ``--skull-strip auto`` picks SynthStrip, and the
+    summary, the brain-mask sidecar and the participant report all say so."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from bids_cl.synth import generate_dataset
+
+    bids = generate_dataset(tmp_path / "bids", participants=1, sessions=1, seed=5, size="tiny",
+                            sequence="mprage", lesion_free_fraction=0.0)
+    weights = T.write_synthstrip_checkpoint(tmp_path / "synthstrip.1.pt", intensity_threshold=0.2)
+    assert models_cli.main(["install", "synthstrip", "--from-file", str(weights)]) == 0
+    out = tmp_path / "out"
+    env = {**os.environ, "BIDS_CL_HOME": str(home), "NIPYPE_NO_ET": "1",
+           "TEMPLATEFLOW_HOME": str(tmp_path / "tf")}
+    env.pop("FREESURFER_HOME", None)
+    proc = subprocess.run([sys.executable, "-m", "bids_cl", str(bids), str(out), "participant",
+                           "--model", "demo", "-w", str(tmp_path / "work"), "--nprocs", "1",
+                           "--omp-nthreads", "1", "--device", "cpu", "--skip-bids-validation",
+                           "--output-spaces"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = sorted(out.rglob("*_label-CL_desc-summary_stats.json"))
+    masks = sorted(out.rglob("*_desc-brain_mask.json"))
+    assert summaries and len(summaries) == len(masks)
+    for summary, mask in zip(summaries, masks, strict=True):
+        assert json.loads(summary.read_text())["SkullStripStrategy"] == "synthstrip"
+        assert json.loads(mask.read_text())["SkullStripStrategy"] == "synthstrip"
+    report = next(out.glob("sub-*.html")).read_text()
+    assert "synthstrip" in report and "deepbet" not in report
