@@ -287,7 +287,8 @@ def test_train_end_to_end_then_fine_tune(tiny: tuple[Path, Path], tmp_path: Path
         for fname in ("dataset.json", "plans.json", "dataset_fingerprint.json",
                       "fold_0/checkpoint_final.pth"):
             assert (model / fname).is_file(), fname
-        ckpt = torch.load(str(model / "fold_0" / "checkpoint_final.pth"), weights_only=False)
+        # torch's own safe loader reads it, no allow-list needed: the export made the log values plain
+        ckpt = torch.load(str(model / "fold_0" / "checkpoint_final.pth"), weights_only=True)
         assert ckpt["trainer_name"] == "nnUNetTrainer" and ckpt["optimizer_state"] is None
 
         case = work / "nnUNet_raw" / "Dataset501_BidsClCL" / "imagesTr" / "sub-01_ses-01_0000.nii.gz"
@@ -471,3 +472,73 @@ def test_postprocessing_is_chosen_by_pooled_lesion_f1() -> None:
                            (0.7, 0.0): 0.5}) == (0.45, 4.0)
 
 
+
+
+# ---------------------------------------------------------------- checkpoint trust (issue 18)
+
+class _Payload:
+    """Unpickling this creates ``marker`` (a stand-in for code run from a malicious checkpoint)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204 (pickle protocol)
+        return (open, (str(self.marker), "w"))
+
+
+def _nnunet_checkpoint(path: Path, logged: object) -> dict:
+    """A checkpoint shaped like nnU-Net's own (optimizer state, numpy values in the training log)."""
+    import torch
+
+    weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1.5])}
+    ckpt = {"network_weights": weights, "optimizer_state": {"state": {}, "param_groups": [{"lr": 0.01}]},
+            "grad_scaler_state": None, "logging": {"ema_fg_dice": [np.float32(0.5), logged]},
+            "_best_ema": np.float32(0.5), "current_epoch": 3, "trainer_name": "BidsClTrainer",
+            "init_args": {"configuration": "3d_fullres", "fold": 0, "device": torch.device("cpu")},
+            "inference_allowed_mirroring_axes": (0, 1, 2)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def test_export_reads_nnunets_checkpoint_safely_and_writes_a_plain_one(tmp_path: Path) -> None:
+    import torch
+
+    from bids_cl.train.export import slim_checkpoint
+    from bids_cl.train.trainers import BidsClTrainer
+
+    src = tmp_path / "fold_0" / "checkpoint_final.pth"
+    original = _nnunet_checkpoint(src, np.float64(0.25))
+    dst = tmp_path / "out" / "checkpoint_final.pth"
+    assert slim_checkpoint(src, dst, trainer_class=BidsClTrainer)["trainer_name"] == "nnUNetTrainer"
+    slim = torch.load(dst, weights_only=True)  # no allow-list needed any more
+    assert slim["logging"]["ema_fg_dice"] == [0.5, 0.25] and type(slim["_best_ema"]) is float
+    assert slim["optimizer_state"] is None
+    assert all(torch.equal(slim["network_weights"][k], original["network_weights"][k]) for k in ("w", "b"))
+
+    marker = tmp_path / "payload_ran"
+    _nnunet_checkpoint(src, _Payload(marker))
+    with pytest.raises(BidsClError) as err:
+        slim_checkpoint(src, tmp_path / "evil" / "checkpoint_final.pth", trainer_class=BidsClTrainer)
+    assert err.value.code == EXIT_BAD_DATA and not marker.exists()
+    assert not (tmp_path / "evil").exists()
+
+
+def test_fine_tune_start_weights_are_read_safely(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from bids_cl.engine.models import ResolvedModel
+    from bids_cl.train.run import _load_init_weights
+
+    marker = tmp_path / "payload_ran"
+    model = tmp_path / "model"
+    _nnunet_checkpoint(model / "fold_0" / "checkpoint_final.pth", _Payload(marker))
+    source = ResolvedModel("evil", model, model, "unverified source", None)
+    loaded: list[dict] = []
+    trainer = SimpleNamespace(network=SimpleNamespace(load_state_dict=loaded.append))
+    with pytest.raises(BidsClError) as err:
+        _load_init_weights(trainer, source, 0)
+    assert err.value.code == EXIT_BAD_DATA and not marker.exists() and loaded == []
+    _nnunet_checkpoint(model / "fold_0" / "checkpoint_final.pth", np.float32(0.1))  # nnU-Net's own kind
+    _load_init_weights(trainer, source, 0)
+    assert set(loaded[0]) == {"w", "b"}
