@@ -86,7 +86,8 @@ def _main(argv: list[str] | None) -> int:
 def _truth_count(bids_dir: Path, rel_anat: Path, prefix: str) -> str:
     import pandas as pd
 
-    table = bids_dir / "derivatives" / "manual_masks" / rel_anat / f"{prefix}_desc-lesions_stats.tsv"
+    table = (bids_dir / "derivatives" / "manual_masks" / rel_anat
+             / spec.reference_name(prefix, "lesions_table"))
     if not table.is_file():
         return "n/a"
     truth = pd.read_csv(table, sep="\t")

@@ -247,3 +247,28 @@ BIDSIGNORE_LINES = ("*.html", "figures", "sub-*/log", "sub-*/figures", "*_xfm.h5
 def report_name(participant: str) -> str:
     """The participant's HTML report at the derivatives root."""
     return f"sub-{participant}.html"
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference (manual) masks: the layout that bids_cl-train and bids_cl-evaluate read and that the
+# phantom generator writes (derivatives/manual_masks/sub-X[/ses-Y]/anat/, same prefix as the image).
+
+REFERENCE: dict[str, Output] = {
+    "cl_mask": _o({"label": "CL"}, "mask", ".nii.gz", "Manual cortical lesion mask (binary)"),
+    "wml_mask": _o({"label": "WML"}, "mask", ".nii.gz", "Manual white-matter lesion mask (binary)"),
+    "brain_mask": _o({"desc": "brain"}, "mask", ".nii.gz", "Brain mask of the annotated image"),
+    "lesions_dseg": _o({"desc": "lesions"}, "dseg", ".nii.gz",
+                       "Every manual lesion, valued by its lesion_id"),
+    "lesions_table": _o({"desc": "lesions"}, "stats", ".tsv",
+                        "One row per manual lesion: lesion_id, type, label CL|WML, volume, centroid"),
+}
+
+
+def reference_name(prefix: str, key: str) -> str:
+    """The file name of reference file ``key`` (a key of :data:`REFERENCE`) of the image ``prefix``."""
+    return REFERENCE[key].name(prefix)
+
+
+def suffix_of(key: str, table: dict[str, Output] | None = None) -> str:
+    """What follows the prefix in names of ``key`` (``_label-CL_mask.nii.gz``), for globs and pairing."""
+    return "_" + (table or OUTPUTS)[key].name("").lstrip("_")

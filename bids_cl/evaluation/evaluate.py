@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from bids_cl.derivatives import spec
 from bids_cl.errors import EXIT_BAD_DATA, BidsClError
 from bids_cl.evaluation.metrics import (
     DEFAULT_CRITERION,
@@ -39,10 +40,10 @@ from bids_cl.utils.components import (
     overlap_pairs,
 )
 
-TRUTH_DSEG_SUFFIX = "_desc-lesions_dseg.nii.gz"
-TRUTH_STATS_SUFFIX = "_desc-lesions_stats.tsv"
-WML_MASK_SUFFIX = "_label-WML_mask.nii.gz"
-SUMMARY_SUFFIX = "_label-CL_desc-summary_stats.json"
+TRUTH_DSEG_SUFFIX = spec.suffix_of("lesions_dseg", spec.REFERENCE)
+TRUTH_STATS_SUFFIX = spec.suffix_of("lesions_table", spec.REFERENCE)
+WML_MASK_SUFFIX = spec.suffix_of("wml_mask", spec.REFERENCE)
+SUMMARY_SUFFIX = spec.suffix_of("summary")
 NA = "n/a"
 NO_TRUTH = "none"  # type of a lesion that overlaps no truth instance
 

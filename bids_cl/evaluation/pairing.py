@@ -6,7 +6,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-PREDICTION_SUFFIX = "_label-CL_mask.nii.gz"
+from bids_cl.derivatives import spec
+
+PREDICTION_SUFFIX = spec.suffix_of("lesion_mask")
+REFERENCE_SUFFIX = spec.suffix_of("cl_mask", spec.REFERENCE)
 _ENTITY = re.compile(r"(?:^|_)([a-zA-Z0-9]+)-([a-zA-Z0-9]+)")
 
 

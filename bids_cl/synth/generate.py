@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bids_cl._version import __version__
+from bids_cl.derivatives.spec import reference_name, sidecar_name
 from bids_cl.synth import bids_io, contrast
 from bids_cl.synth.anatomy import FRACTIONS, TemplateAnatomy, dominant_labels, load_template_anatomy
 from bids_cl.synth.errors import EXIT_CANNOT_CREATE, EXIT_USAGE, SynthError
@@ -499,20 +500,21 @@ def write_subject(root: Path, subject: SubjectPhantom, options: SynthOptions) ->
         rel = raw_dir.relative_to(root) / f"{img.target}.nii.gz"
         source = [f"bids:raw:{rel.as_posix()}"]
         p = img.prefix
-        bids_io.write_label(out / f"{p}_label-CL_mask.nii.gz", img.cl_mask, img.affine)
-        bids_io.write_label(out / f"{p}_label-WML_mask.nii.gz", img.wml_mask, img.affine)
-        bids_io.write_label(out / f"{p}_desc-brain_mask.nii.gz", img.brain_mask, img.affine)
-        bids_io.write_label(out / f"{p}_desc-lesions_dseg.nii.gz", img.truth.dseg, img.affine)
-        bids_io.write_json(out / f"{p}_label-CL_mask.json", {
+        bids_io.write_label(out / reference_name(p, "cl_mask"), img.cl_mask, img.affine)
+        bids_io.write_label(out / reference_name(p, "wml_mask"), img.wml_mask, img.affine)
+        bids_io.write_label(out / reference_name(p, "brain_mask"), img.brain_mask, img.affine)
+        bids_io.write_label(out / reference_name(p, "lesions_dseg"), img.truth.dseg, img.affine)
+        bids_io.write_json(out / sidecar_name(reference_name(p, "cl_mask")), {
             "Type": "Lesion", "Sources": source,
             "Description": "Cortical lesions (leukocortical, intracortical, juxtacortical)"})
-        bids_io.write_json(out / f"{p}_label-WML_mask.json", {
+        bids_io.write_json(out / sidecar_name(reference_name(p, "wml_mask")), {
             "Type": "Lesion", "Sources": source,
             "Description": "White-matter lesions (periventricular, deep); distractors, not CL"})
-        bids_io.write_json(out / f"{p}_desc-brain_mask.json", {"Type": "Brain", "Sources": source})
-        bids_io.write_json(out / f"{p}_desc-lesions_dseg.json", {
+        bids_io.write_json(out / sidecar_name(reference_name(p, "brain_mask")),
+                           {"Type": "Brain", "Sources": source})
+        bids_io.write_json(out / sidecar_name(reference_name(p, "lesions_dseg")), {
             "Sources": source, "Description": "Voxel value = lesion_id of the stats table"})
-        bids_io.write_tsv(out / f"{p}_desc-lesions_stats.tsv", STATS_COLUMNS, img.rows)
+        bids_io.write_tsv(out / reference_name(p, "lesions_table"), STATS_COLUMNS, img.rows)
 
 
 def _dataset_files(root: Path, options: SynthOptions, participants: Sequence[Participant]) -> None:
