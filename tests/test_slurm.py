@@ -280,7 +280,7 @@ def test_container_command_on_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def _pipeline_ready() -> str | None:
     """Why the end-to-end test cannot run yet (parts still being written), or None."""
-    parts = [("bids_cl.synth.cli", "main"), ("bids_cl.workflows.base", "run_participants"),
+    parts = [("bids_cl.synth.cli", "main"), ("bids_cl.cli.workflow", "run_participants"),
              ("bids_cl.group", "run_group_level")]
     for module, name in parts:
         try:

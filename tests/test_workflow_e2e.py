@@ -166,14 +166,18 @@ def test_every_expected_derivative(first_run: dict, phantom: Path) -> None:
 def test_multiproc_workers_are_forked_unless_asked_otherwise() -> None:
     # The clean console above relies on forked workers inheriting bids_cl's logging set-up; Python 3.14
     # defaults to forkserver, so the plugin settings name fork themselves. A user's choice still wins.
-    from bids_cl.config import RunConfig
-    from bids_cl.workflows.base import _plugin_settings
+    import dataclasses
+
+    from bids_cl.cli.workflow import plugin_settings
+    from bids_cl.config import ResolvedRun, RunConfig
 
     cfg = RunConfig(bids_dir=Path("/in"), output_dir=Path("/out"), analysis_level="participant")
-    plugin, args = _plugin_settings(cfg, use_gpu=False)
+    resolved = ResolvedRun(device="cpu", nprocs=2, omp_nthreads=1, mem_mb=None, model="demo",
+                           random_seed=cfg.random_seed)
+    plugin, args = plugin_settings(cfg, resolved)
     assert plugin == "MultiProc" and args["mp_context"] == "fork"
-    cfg.plugin_args = {"mp_context": "spawn"}
-    assert _plugin_settings(cfg, use_gpu=False)[1]["mp_context"] == "spawn"
+    cfg = dataclasses.replace(cfg, plugin_args={"mp_context": "spawn"})
+    assert plugin_settings(cfg, resolved)[1]["mp_context"] == "spawn"
 
 
 def test_input_dataset_untouched(first_run: dict, phantom: Path) -> None:
