@@ -60,6 +60,8 @@ def _cmd_list() -> int:
         if row["doi"]:
             print(f"{'':<{width}}  {'':<14}  doi:{row['doi']}")
         print(f"{'':<{width}}  {'':<14}  {row['path']}")
+        if row.get("hint"):
+            print(f"{'':<{width}}  {'':<14}  {row['hint']}")
     return 0
 
 

@@ -148,12 +148,13 @@ def list_models() -> list[dict[str, Any]]:
             status = "present but not locked"
         else:
             status = "installed" if installed else "not available"
+        hint = None
         if name == SYNTHSTRIP and not installed:
             found = freesurfer_synthstrip()
             if found is not None:
                 status, path = "in FreeSurfer", str(found)
-            else:
-                path = f"{folder} (install: {install_command(SYNTHSTRIP)})"
+            hint = (f"install: bids_cl-models install {SYNTHSTRIP} --from-file {SYNTHSTRIP_WEIGHTS} (from a "
+                    "FreeSurfer >= 7.3 install or the freesurfer/synthstrip image)")
         rows.append({
             "name": name,
             "status": status,
@@ -161,5 +162,6 @@ def list_models() -> list[dict[str, Any]]:
             "description": spec.description if spec else "installed from a local archive",
             "doi": spec.doi if spec else None,
             "kind": spec.kind if spec else "segmentation",
+            "hint": hint,
         })
     return rows
