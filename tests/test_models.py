@@ -376,6 +376,18 @@ def test_allow_list_reads_numpy_scalars_and_the_shipped_checkpoints_need_none(
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(ckpt, weights_only=True)
     assert load_checkpoint(ckpt)["logging"]["train_losses"] == [np.float32(0.25)]
+    # a checkpoint written under numpy 1 names the scalar constructor numpy.core.multiarray.scalar
+    import zipfile
+
+    legacy = tmp_path / "numpy1.pth"
+    with zipfile.ZipFile(ckpt) as src, zipfile.ZipFile(legacy, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray\nscalar" in data
+                data = data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
+            dst.writestr(info, data)
+    assert load_checkpoint(legacy)["logging"]["train_losses"] == [np.float32(0.25)]
     assert load_model(nnunet_like).provenance["trust"] == "unverified source"
     # the demo model was re-saved with plain Python numbers: torch's own safe loader suffices
     demo = torch.load(packaged_model_dir("demo") / "fold_0" / "checkpoint_final.pth", weights_only=True)
