@@ -144,3 +144,76 @@ def test_workflow_graph_has_a_branch_per_session_and_target(tmp_path: Path) -> N
     methods = collect_methods(workflow)
     assert methods[0].startswith("Cortical lesions were segmented with bids_cl")
     assert any("antspyx" in m for m in methods) and len(methods) == len(set(methods)) == 4
+
+
+def test_interrupted_nifti_write_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old writer wrote an uncompressed .<name>.XXXX.nii next to the target and left it on a kill."""
+    from bids_cl.utils.io import atomic_save_nifti
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+
+    def killed(self, file_map):  # as if the process were stopped while writing the data
+        file_map["image"].fileobj.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nib.Nifti1Image, "to_file_map", killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save_nifti(img, tmp_path / "x.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rerun_removes_what_a_killed_run_left(tmp_path: Path) -> None:
+    from bids_cl.utils.io import TMP_PREFIX
+
+    item = _item(tmp_path)
+    files = _inputs(tmp_path)
+    out = tmp_path / "out"
+    anat = out / item.anat_dir
+    anat.mkdir(parents=True)
+    stale = anat / f"{TMP_PREFIX}sub-01_ses-02_label-CL_mask.nii.gz.k2j3.nii.gz"
+    stale.write_bytes(b"left by kill -9")
+    outputs.write_target_derivatives(
+        out, tmp_path / "bids", item, brain=files["brain"], brain_mask=files["mask"],
+        skullstrip=SKULLSTRIP, probseg=files["prob"], lesion_mask=files["lesion"],
+        lesions_tsv=files["tsv"], segmentation=SEGMENTATION)
+    assert not stale.exists()
+    assert not [p for p in anat.iterdir() if p.name.startswith(".")]
+
+
+def test_full_disk_while_writing_is_73_naming_the_folder(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC during writing was 'unexpected OSError' (exit 1, traceback); it is 73, one line, the folder."""
+    import errno
+
+    from bids_cl.derivatives.records import TargetRecord
+    from bids_cl.errors import BidsClError
+    from bids_cl.interfaces import WriteDerivatives
+    from bids_cl.utils import io
+
+    item = _item(tmp_path)
+    files = _inputs(tmp_path)
+    work = tmp_path / "node"
+    skull, seg = work / "skullstrip.json", work / "segment.json"
+    skull.write_text(SKULLSTRIP.to_json())
+    seg.write_text(SEGMENTATION.to_json())
+    record = tmp_path / "log" / "targets" / "sub-01_ses-02.json"
+    real = io.atomic_write
+
+    def full(path, writer, **kwargs):
+        if str(path).endswith("_label-CL_mask.nii.gz"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, writer, **kwargs)
+
+    monkeypatch.setattr("bids_cl.utils.io.atomic_write", full)
+    node = WriteDerivatives(output_dir=str(tmp_path / "out"), bids_dir=str(tmp_path / "bids"),
+                            item=item.to_dict(), brain=files["brain"], brain_mask=files["mask"],
+                            skullstrip_info=str(skull), probseg=files["prob"], lesion_mask=files["lesion"],
+                            lesions=files["tsv"], segment_info=str(seg), record_file=str(record),
+                            target_prefix=item.prefix)
+    with pytest.raises(BidsClError) as err:
+        node.run(cwd=str(work))
+    assert err.value.code == 73 and "No space left on device" in err.value.message
+    assert str(tmp_path / "out" / item.anat_dir) in err.value.message
+    failed = TargetRecord.read(record)
+    assert (failed.status, failed.exit_code, failed.stage) == ("failed", 73, "writing derivatives")
+    assert "\n" not in failed.reason

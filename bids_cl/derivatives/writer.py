@@ -22,7 +22,13 @@ from bids_cl.derivatives.records import SegmentationRecord, SkullStripRecord, Ta
 from bids_cl.derivatives.spec import CODE_URL, OUTPUTS, PIPELINE_NAME, output_name
 from bids_cl.engine.lesions import summarize
 from bids_cl.utils.bids import WorkItem
-from bids_cl.utils.io import atomic_save_nifti, atomic_write, atomic_write_json, atomic_write_text
+from bids_cl.utils.io import (
+    atomic_save_nifti,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temporaries,
+)
 
 
 def bids_uri(item_path: str, bids_dir: Path) -> str:
@@ -175,6 +181,8 @@ def write_target_derivatives(
     The summary JSON is written last: its presence marks the target as complete.
     """
     written: list[Path] = []
+    # What a run killed while writing this target left (kill -9, a full disk) goes before anything new.
+    remove_stale_temporaries(Path(output_dir) / item.anat_dir)
     target_uri = bids_uri(item.target, bids_dir)
     strip_sources = [target_uri]
     if skullstrip.used_inv2 and item.inv2:

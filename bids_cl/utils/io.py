@@ -9,17 +9,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# Every temporary file bids_cl writes starts with this, so that a rerun finds and removes what a killed
+# run (kill -9, a full disk, a node lost) left behind: ``remove_stale_temporaries``.
+TMP_PREFIX = ".bids_cl-tmp."
+
 
 def atomic_write(path: Path, writer: Callable[[Path], None], *, suffix: str = "") -> Path:
     """Call ``writer(tmp_path)`` then rename the temporary file onto ``path``.
 
     The temporary file lives in the destination folder so the final ``os.replace`` is a same-filesystem
     rename (atomic on POSIX); concurrent writers of *different* files never collide because each temp
-    name is unique.
+    name is unique. It is removed on every exit path Python sees; what a kill -9 leaves is named with
+    :data:`TMP_PREFIX` and swept by the next run.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or _suffix(path),
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix=suffix or _suffix(path),
                                     dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -62,22 +67,31 @@ def _json_default(value: Any) -> Any:
 
 
 def atomic_save_nifti(img: Any, path: Path) -> Path:
-    """Save a nibabel image atomically, with a deterministic gzip header (no timestamp)."""
+    """Save a nibabel image atomically, with a deterministic gzip header (no timestamp, no name).
+
+    The image is streamed into the gzip file of the one temporary: no uncompressed intermediate file
+    exists that a killed run could leave behind.
+    """
     import gzip
-    import shutil
 
     path = Path(path)
 
     def _write(tmp: Path) -> None:
         if path.name.endswith(".gz"):
-            raw = tmp.with_name(tmp.name[: -len(".gz")])
-            img.to_filename(str(raw))
-            with open(raw, "rb") as src, open(tmp, "wb") as dst:
-                # mtime=0 and no file name in the header: byte-identical reruns.
-                with gzip.GzipFile(filename="", mode="wb", fileobj=dst, mtime=0) as gz:
-                    shutil.copyfileobj(src, gz)
-            raw.unlink()
+            # mtime=0 and no file name in the header: byte-identical reruns.
+            with open(tmp, "wb") as dst, gzip.GzipFile(filename="", mode="wb", fileobj=dst, mtime=0) as gz:
+                img.to_file_map(img.make_file_map({"image": gz, "header": gz}))
         else:
             img.to_filename(str(tmp))
 
     return atomic_write(path, _write)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries a killed run left in ``folder`` (not below it); returns what was removed."""
+    removed = []
+    for stale in Path(folder).glob(f"{TMP_PREFIX}*"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
