@@ -18,8 +18,11 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 def write_nifti(path: Path, shape: tuple[int, ...] = (12, 12, 12), value: float = 100.0,
                 affine: np.ndarray | None = None) -> Path:
+    """A small image: ``value`` inside a centred block, 0 around it (a constant image has no signal)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = np.full(shape, value, dtype=np.float32)
+    data = np.zeros(shape, dtype=np.float32)
+    inner = tuple(slice(n // 4, n - n // 4) if n > 3 else slice(None) for n in shape[:3])
+    data[inner] = value
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
     return path
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
-from conftest import write_bids
+from conftest import run_cli, write_bids
 
 from bids_cl.errors import BidsClError
 from bids_cl.utils.bids import (
@@ -157,3 +159,61 @@ def test_output_inside_input_refused(tmp_path: Path) -> None:
 def test_prefix_of() -> None:
     assert prefix_of("/x/sub-01_ses-02_acq-UNI_T1w.nii.gz") == "sub-01_ses-02_acq-UNI"
     assert prefix_of("sub-01_UNIT1.nii") == "sub-01"
+
+
+def _rewrite(path: Path, data: np.ndarray) -> None:
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(data.astype(np.float32), img.affine), str(path))
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    ("truncated", "truncated or corrupt"),
+    ("nan", "no finite voxel"),
+    ("zeros", "no signal"),
+    ("constant", "no signal"),
+])
+def test_unusable_image_contents_are_problems_before_any_work(tmp_path: Path, content: str,
+                                                               reason: str) -> None:
+    """A truncated .nii.gz crashed inside the workflow (exit 1); all-NaN and all-zero images 'succeeded'
+    with 0 lesions. Each is now a discovery problem with exit 65 and one line."""
+    root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": None,
+                                          "sub-02/anat/sub-02_T1w.nii.gz": None})
+    path = root / "sub-01/anat/sub-01_T1w.nii.gz"
+    shape = nib.load(path).shape
+    if content == "truncated":  # header intact, data cut short (an interrupted copy)
+        _rewrite(path, np.random.default_rng(0).random((32, 32, 32)))
+        raw = path.read_bytes()
+        path.write_bytes(raw[: int(len(raw) * 0.9)])
+    else:
+        _rewrite(path, {"nan": np.full(shape, np.nan), "zeros": np.zeros(shape),
+                        "constant": np.full(shape, 7.0)}[content])
+    assert [i.participant for i in _discover(root)] == ["02"]
+    (problem,) = _problems(root)
+    assert problem.problem_code == 65 and reason in problem.problem and "\n" not in problem.problem
+
+
+def test_unusable_image_exits_65_with_one_line_and_no_output(tmp_path: Path) -> None:
+    root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": None})
+    path = root / "sub-01/anat/sub-01_T1w.nii.gz"
+    _rewrite(path, np.full(nib.load(path).shape, np.nan))
+    proc = run_cli(root, tmp_path / "out", "participant", "--skip-bids-validation", "--model", "demo",
+                   "-w", tmp_path / "work")
+    assert proc.returncode == 65, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "no finite voxel" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("filters", "message"), [
+    ({"t1w": {"acqusition": "mprage"}}, "unknown BIDS entity 'acqusition'"),
+    ({"t1w": {"acquisition": {"nested": "dict"}}}, "not dict"),
+    ({"t1w": {"run": True}}, "not bool"),
+])
+def test_bad_filter_file_is_a_usage_error(tmp_path: Path, filters: dict, message: str) -> None:
+    """An unknown entity or a dict value reached pybids (exit 1, a six-line SQL dump); now 64, one line."""
+    root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": None})
+    path = tmp_path / "filters.json"
+    path.write_text(json.dumps(filters))
+    proc = run_cli(root, tmp_path / "out", "participant", "--skip-bids-validation",
+                   "--bids-filter-file", path, "-w", tmp_path / "work")
+    assert proc.returncode == 64, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bids_cl.derivatives import spec
 from bids_cl.errors import (
     EXIT_BAD_DATA,
@@ -51,6 +53,9 @@ _ENTITY_ORDER = [
     "ceagent", "staining", "tracer", "reconstruction", "direction", "run", "proc", "modality",
     "echo", "flip", "inv", "mt", "part", "recording", "chunk",
 ]
+# What a --bids-filter-file may name: the BIDS entities, plus the file-level keys of pybids queries.
+FILTER_ENTITIES = (*_ENTITY_ORDER, "suffix", "extension", "datatype", "space", "desc")
+
 _ENTITY_KEYS = {
     "subject": "sub", "session": "ses", "sample": "sample", "task": "task", "tracksys": "tracksys",
     "acquisition": "acq", "nucleus": "nuc", "volume": "voi", "ceagent": "ce", "staining": "stain",
@@ -143,7 +148,24 @@ def load_bids_filters(path: Path) -> dict[str, dict[str, Any]]:
             f"--bids-filter-file names unknown queries {unknown}; known: {list(QUERY_NAMES)}",
             EXIT_USAGE,
         )
+    for query, entities in data.items():
+        for entity, value in entities.items():
+            if entity not in FILTER_ENTITIES:
+                raise BidsClError(f"--bids-filter-file: query '{query}' names an unknown BIDS entity "
+                                  f"'{entity}' (known: {', '.join(FILTER_ENTITIES)})", EXIT_USAGE)
+            if not _filter_value_ok(value):
+                raise BidsClError(f"--bids-filter-file: query '{query}', entity '{entity}': a value is a "
+                                  "string, a number, null, \"*\" or a list of strings/numbers, not "
+                                  f"{type(value).__name__}", EXIT_USAGE)
     return data
+
+
+def _filter_value_ok(value: Any) -> bool:
+    scalar = (str, int, float)
+    if value is None or (isinstance(value, scalar) and not isinstance(value, bool)):
+        return True
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, scalar) and not isinstance(v, bool) for v in value)
 
 
 def build_queries(filters: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
@@ -370,7 +392,26 @@ def _check_image(path: str) -> tuple[str | None, int | None]:
         return f"{p.name} is {len(shape)}-D; a 3-D T1-weighted image is needed", EXIT_BAD_DATA
     if min(shape) < 2:
         return f"{p.name} has a degenerate shape {tuple(shape)}", EXIT_BAD_DATA
-    return None, None
+    # The header can be fine and the data not: a truncated download, or an image without signal.
+    # Reading it here makes that one line before any work, not a crash inside a node.
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # EOFError, zlib.error, OSError ... for truncated or corrupt data
+        return (f"{p.name} is truncated or corrupt: its data cannot be read ({type(exc).__name__}: "
+                f"{exc})"), EXIT_BAD_DATA
+    problem = image_content_problem(data, p.name)
+    return problem, (EXIT_BAD_DATA if problem else None)
+
+
+def image_content_problem(data: np.ndarray, name: str) -> str | None:
+    """Why an image's voxels cannot be segmented (no finite voxel, or no signal), else None."""
+    finite = np.isfinite(data)
+    if not finite.any():
+        return f"{name} has no finite voxel (all NaN or infinite)"
+    values = data[finite]
+    if values.min() == values.max():
+        return f"{name} has no signal (every finite voxel is {values.flat[0]:g})"
+    return None
 
 
 def discover(
