@@ -80,6 +80,8 @@ def test_exit_16_full_validator(tmp_path: Path) -> None:
     (root / "sub-01" / "anat" / "sub-01_notasuffix.nii.gz").write_bytes(b"x")
     proc = run_cli(root, tmp_path / "out", "participant", "--dry-run")
     assert proc.returncode == 16, proc.stderr
+    # The validator's whole report went to stderr before the error; it belongs in the log.
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     proc = run_cli(root, tmp_path / "out", "participant", "--dry-run", "--skip_bids_validation")
     assert proc.returncode == 0, proc.stderr
 
@@ -258,3 +260,46 @@ def test_invalid_config_file_is_a_usage_error(mp2rage_dataset: Path, tmp_path: P
     proc = run_cli(mp2rage_dataset, tmp_path / "out", "participant", "--config-file", bad)
     assert proc.returncode == 64 and "not valid TOML" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_symlink_loop_is_named_not_followed(tmp_path: Path) -> None:
+    """pybids followed a link to an ancestor ~40 levels and ended in 'Duplicate node name' (exit 1)."""
+    root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": None})
+    (root / "sub-01" / "anat" / "loop").symlink_to(root / "sub-01")
+    proc = run_cli(root, tmp_path / "out", "participant", "--dry-run", "--skip-bids-validation")
+    assert proc.returncode == 16, proc.stderr
+    assert "sub-01/anat/loop" in proc.stderr and "loop" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_refused_runs_leave_nothing_behind(tmp_path: Path) -> None:
+    """A fold the model lacks is refused before any skull stripping, with no output folder, and no
+    command leaves a /tmp/bids_cl-*.log behind unless its error points at it."""
+    root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": None})
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {"TMPDIR": str(scratch)}
+    proc = run_cli(root, tmp_path / "out", "participant", "--skip-bids-validation", "--model", "demo",
+                   "--folds", "7", "--output-spaces", "native", "-w", tmp_path / "work", env=env)
+    assert proc.returncode == 64, proc.stderr
+    assert "no fold" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+    for argv in (["--help"], ["--version"], [str(root), str(tmp_path / "o"), "nonsense"]):
+        run_cli(*argv, env=env)
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("bids_cl")] == []
+
+
+def test_concurrent_run_on_the_same_work_folder_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": None})
+    work = tmp_path / "work"
+    work.mkdir()
+    with open(work / ".bids_cl-lock-sub-01", "a+") as held:  # another run of sub-01 holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_cli(root, tmp_path / "out", "participant", "--skip-bids-validation", "--model",
+                       "demo", "--output-spaces", "native", "-w", work)
+    assert proc.returncode == 73, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "in use for sub-01" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from bids_cl import __version__
 from bids_cl.config import RunConfig
 from bids_cl.errors import (
-    EXIT_CANNOT_CREATE_OUTPUT,
     EXIT_MISSING_INPUT,
     EXIT_OK,
     BidsClError,
@@ -34,6 +33,11 @@ def _setup_logging(verbose: int, log_file: Path) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if verbose == 0 else logging.INFO if verbose == 1
                      else logging.DEBUG)
+    if verbose < 2:
+        # The console is bids_cl's own voice: Nipype's node tracebacks, pybids' and numpy's warnings
+        # belong in the log file, where the one-line error points (-vv shows everything).
+        console.addFilter(lambda record: record.name == "bids_cl" or record.name.startswith("bids_cl."))
+    logging.captureWarnings(True)
     console.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s",
                                            "%H:%M:%S"))
     root.addHandler(console)
@@ -80,7 +84,20 @@ def main(argv: list[str] | None = None) -> int:
             return _run_group(config)
         return _run_participant(config, log_file)
 
-    return run_command("bids_cl", body, log_file=log_file)
+    kept: list[Path] = []
+
+    def crash_log() -> Path:
+        kept.append(log_file)
+        return log_file
+
+    try:
+        return run_command("bids_cl", body, crash_log=crash_log)
+    finally:
+        # The run's log was copied into each participant's log folder; a temporary is left only when
+        # the one-line error points at it (an unexpected failure before any log folder existed).
+        logging.shutdown()
+        if not kept:
+            log_file.unlink(missing_ok=True)
 
 
 def _plan(config: RunConfig) -> Discovery:
@@ -121,15 +138,15 @@ def _run_participant(config: RunConfig, log_file: Path) -> int:
             f"no usable input: {first.problem} (and {len(found.problems) - 1} more problem(s))",
             first.problem_code,
         )
-    _make_output_dir(config.output_dir)
+    from bids_cl.cli.workflow import make_output_dir, run_participants
+
     if config.reports_only:
         from bids_cl.reports import generate_reports
 
+        make_output_dir(config.output_dir)
         generate_reports(config.output_dir,
                          sorted({i.participant for i in [*found.items, *found.problems]}))
         return EXIT_OK
-
-    from bids_cl.cli.workflow import run_participants
 
     return run_participants(config, found.items, found.problems, log_file=log_file)
 
@@ -145,19 +162,6 @@ def _run_group(config: RunConfig) -> int:
                              participant_labels=config.participant_label)
     print(f"bids_cl group: {getattr(result, 'summary', result)}")
     return EXIT_OK
-
-
-def _make_output_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".bids_cl-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise BidsClError(
-            f"cannot create the output directory {path}: {exc.strerror or exc}",
-            EXIT_CANNOT_CREATE_OUTPUT,
-        ) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

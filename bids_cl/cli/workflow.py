@@ -139,15 +139,18 @@ def run_participants(config: RunConfig, items: list[WorkItem], problems: list[Wo
     from bids_cl.workflows.base import collect_methods, init_bids_cl_wf
 
     resolved, model_provenance = resolve_run(config)
-    resolved.apply_environment()
+    participants = sorted({i.participant for i in [*items, *problems]})
     try:
         config.work_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BidsClError(f"cannot create the work directory {config.work_dir}: {exc.strerror}",
                           EXIT_CANNOT_CREATE_OUTPUT) from None
+    locks = lock_work_dir(config.work_dir, participants)  # held until this process ends
+    # Only now, with every check passed, does anything appear in the output: a refused run leaves none.
+    make_output_dir(config.output_dir)
+    resolved.apply_environment()
 
     workflow = init_bids_cl_wf(config=config, resolved=resolved, items=items)
-    participants = sorted({i.participant for i in [*items, *problems]})
     try:
         writer.write_dataset_description(config.output_dir, config.bids_dir, model_provenance)
         writer.write_citation(config.output_dir, collect_methods(workflow))
@@ -214,6 +217,8 @@ def run_participants(config: RunConfig, items: list[WorkItem], problems: list[Wo
             print(f"{item.prefix}: {summary['LesionCount']} cortical lesion(s), "
                   f"{summary['TotalVolume_uL']:.1f} uL", file=sys.stdout)
     LOGGER.info("Finished in %.1f s", elapsed)
+    for handle in locks:
+        handle.close()
     if not failures:
         return EXIT_OK
     for item, reason, code in failures:
@@ -221,6 +226,53 @@ def run_participants(config: RunConfig, items: list[WorkItem], problems: list[Wo
               f"[log: {log_dirs[item.participant]}]", file=sys.stderr)
     codes = {code for _, _, code in failures}
     return codes.pop() if len(codes) == 1 else EXIT_FAILURE
+
+
+def lock_work_dir(work_dir: Path, participants: list[str]) -> list[Any]:
+    """Take each participant's lock in the work folder, or refuse with one line (exit 73).
+
+    Two runs sharing a work folder would run the same Nipype nodes in the same folders at once; runs of
+    different participants may share one. ``flock`` locks go away with the process, so a killed run never
+    leaves a stale lock behind.
+    """
+    import fcntl
+
+    handles = []
+    for participant in participants:
+        path = work_dir / f".bids_cl-lock-sub-{participant}"
+        handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            for held in handles:
+                held.close()
+            raise BidsClError(
+                f"the work folder {work_dir} is in use for sub-{participant} by another bids_cl run "
+                f"({holder}); wait for it to finish, or give this run its own -w/--work-dir",
+                EXIT_CANNOT_CREATE_OUTPUT) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        handle.flush()
+        handles.append(handle)
+    return handles
+
+
+def make_output_dir(path: Path) -> None:
+    """Create the output folder and prove it is writable (exit 73, one line, otherwise)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".bids_cl-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise BidsClError(
+            f"cannot create the output directory {path}: {exc.strerror or exc}",
+            EXIT_CANNOT_CREATE_OUTPUT,
+        ) from None
 
 
 def _write_reports(config: RunConfig, participants: list[str]) -> None:

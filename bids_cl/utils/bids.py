@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -188,8 +189,31 @@ def build_queries(filters: dict[str, dict[str, Any]] | None = None) -> dict[str,
 # Validation
 
 
+def find_symlink_loop(root: Path) -> Path | None:
+    """A symbolic link inside ``root`` that points at its own folder or one above it, if any.
+
+    pybids follows such a link ~40 levels deep and fails with an unrelated message; found here, the
+    user is told which link to remove.
+    """
+    for folder, subdirs, _files in os.walk(root, followlinks=False):
+        for name in subdirs:
+            link = Path(folder) / name
+            if link.is_symlink():
+                try:
+                    target = link.resolve(strict=True)
+                except (OSError, RuntimeError):  # a link to itself, or a chain of links that loops
+                    return link
+                if target == link.parent.resolve() or target in link.parent.resolve().parents:
+                    return link
+    return None
+
+
 def check_dataset_minimum(bids_dir: Path) -> list[str]:
     """The built-in minimum check; returns problems (empty list = acceptable)."""
+    loop = find_symlink_loop(bids_dir)
+    if loop is not None:
+        return [f"the symbolic link {loop} points at {loop.resolve()}, a folder that contains it "
+                "(a loop); remove or replace it"]
     problems: list[str] = []
     if not bids_dir.is_dir():
         return [f"{bids_dir} is not a directory"]
@@ -244,7 +268,8 @@ def validate_dataset(bids_dir: Path, *, skip: bool = False) -> str:
         lines = (proc.stdout + "\n" + proc.stderr).splitlines()
         first_error = next((ln.strip() for ln in lines if "[ERROR]" in ln or " ERR " in ln),
                            "see the log file for the validator's report")
-        LOGGER.error("BIDS validator output:\n%s\n%s", proc.stdout, proc.stderr)
+        # The whole report goes to the log file; stderr gets one line (the first error and the log).
+        LOGGER.info("BIDS validator output:\n%s\n%s", proc.stdout, proc.stderr)
         raise BidsClError(
             f"{bids_dir} failed BIDS validation ({Path(command[0]).name}): {first_error}",
             EXIT_VALIDATION,

@@ -29,12 +29,13 @@ class UsageParser(argparse.ArgumentParser):
         raise BidsClError(f"{message} (see {program} --help)", EXIT_USAGE)
 
 
-def run_command(prog: str, body: Callable[[], int], *, log_file: Path | None = None) -> int:
+def run_command(prog: str, body: Callable[[], int], *,
+                crash_log: Callable[[], Path] | None = None) -> int:
     """Run a command's body and turn every way it can end into an exit code.
 
     ``BidsClError``: its one-line message and code. ``SystemExit`` (``--help``, ``--version``): its code.
-    Ctrl-C: 130. Anything else is a bug: one line on stderr, the traceback in ``log_file`` when the
-    command keeps one (else appended to the line's hint, never printed as a traceback).
+    Ctrl-C: 130. Anything else is a bug: one line on stderr, and the traceback appended to the file that
+    ``crash_log()`` names when the command keeps a log (never printed as a traceback).
     """
     try:
         return int(body())
@@ -48,8 +49,9 @@ def run_command(prog: str, body: Callable[[], int], *, log_file: Path | None = N
         return EXIT_INTERRUPTED
     except Exception as exc:  # the last line of defence: a sentence, never a bare traceback
         where = ""
-        if log_file is not None:
+        if crash_log is not None:
             try:
+                log_file = crash_log()
                 with open(log_file, "a") as handle:
                     traceback.print_exc(file=handle)
                 where = f" (details: {log_file})"
