@@ -78,3 +78,12 @@ def mp2rage_dataset(tmp_path: Path) -> Path:
         f"{anat}_inv-2_part-phase_MP2RAGE.nii.gz": {**meta, "InversionTime": 2.7},
         f"{anat}_T1map.nii.gz": meta,
     })
+
+
+@pytest.fixture(scope="session")
+def real_derivatives(tmp_path_factory: pytest.TempPathFactory):
+    """Derivatives of a real participant run on tiny phantoms (tests/derivatives_fixture.py), built once
+    per session and shared by the xdist workers; read-only: use ``.copy_output(tmp)`` to change them."""
+    from derivatives_fixture import shared_derivatives
+
+    return shared_derivatives(tmp_path_factory)

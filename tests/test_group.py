@@ -1,5 +1,6 @@
-"""The group level on a constructed derivatives folder: 4 participants x 2 sessions planned, sub-04
-failed (crash files, no outputs), sub-05 in participants.tsv but never processed."""
+"""The group level on the derivatives of a real participant run on tiny phantoms
+(tests/derivatives_fixture.py): 4 participants x 2 sessions planned, sub-04 failed (crash notes, no
+outputs), sub-05 in participants.tsv but never processed."""
 
 from __future__ import annotations
 
@@ -12,17 +13,17 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from derivatives_fixture import MODEL_NAME, MODEL_WARNING, SPACE, Derivatives
 
 from bids_cl.group import GroupResult, run_group_level
 from bids_cl.reports.browser import find_chromium, render_check
-from bids_cl.reports.testing import SPACE, FakeDataset, make_fake_derivatives
 
 needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="chromium not installed")
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> FakeDataset:
-    ds = make_fake_derivatives(tmp_path_factory.mktemp("group"))
+def built(real_derivatives: Derivatives, tmp_path_factory: pytest.TempPathFactory) -> Derivatives:
+    ds = real_derivatives.copy_output(tmp_path_factory.mktemp("group"))
     # group.html only links to the participant reports: stand-ins keep this module fast
     # (the reports themselves are tested in test_reports.py).
     for label in (*ds.ok, *ds.failed):
@@ -31,7 +32,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> FakeDataset:
 
 
 @pytest.fixture(scope="module")
-def result(built: FakeDataset) -> GroupResult:
+def result(built: Derivatives) -> GroupResult:
     return run_group_level(built.bids_dir, built.out_dir, templates=built.templates,
                            template_lookup=False)
 
@@ -40,7 +41,7 @@ def _tsv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
 
 
-def test_counts_equal_participant_summaries(built: FakeDataset, result: GroupResult) -> None:
+def test_counts_equal_participant_summaries(built: Derivatives, result: GroupResult) -> None:
     table = _tsv(built.out_dir / "group_lesions.tsv")
     assert sorted(table["prefix"]) == sorted(built.counts)
     for row in table.itertuples():
@@ -52,7 +53,12 @@ def test_counts_equal_participant_summaries(built: FakeDataset, result: GroupRes
         assert row.total_volume_ul == pytest.approx(summary["TotalVolume_uL"])
         assert row.total_volume_ul == pytest.approx(lesions["volume_ul"].sum())
         assert row.sequence == summary["Sequence"]
-        assert row.model_name == "bids_cl-demo"
+        assert row.model_name == MODEL_NAME
+        # No lesion, no median volume: n/a (the summary writes 0), as the data dictionary says.
+        if row.lesion_count == 0:
+            assert np.isnan(row.median_volume_ul)
+        else:
+            assert row.median_volume_ul == pytest.approx(lesions["volume_ul"].median())
     per_lesion = _tsv(built.out_dir / "group_lesions_per-lesion.tsv")
     assert len(per_lesion) == sum(built.counts.values())
     assert per_lesion.groupby("prefix").size().to_dict() == {
@@ -60,7 +66,7 @@ def test_counts_equal_participant_summaries(built: FakeDataset, result: GroupRes
     assert list(per_lesion.columns[:4]) == ["participant_id", "session_id", "prefix", "lesion_id"]
 
 
-def test_participants_tsv_joined_with_dictionary(built: FakeDataset) -> None:
+def test_participants_tsv_joined_with_dictionary(built: Derivatives) -> None:
     table = _tsv(built.out_dir / "group_lesions.tsv")
     assert {"age", "sex", "site", "diagnosis"} <= set(table.columns)
     assert table.set_index("prefix").loc["sub-02_ses-01", "age"] == 51
@@ -70,20 +76,25 @@ def test_participants_tsv_joined_with_dictionary(built: FakeDataset) -> None:
     assert sidecar["age"]["Units"] == "year"  # copied from participants.json
     assert sidecar["ood_warning"]["Description"]
     ood = table.set_index("prefix")["ood_warning"]
-    assert ood.notna().sum() == 1 and ood["sub-02_ses-02"].startswith("image intensities")
+    summary = json.loads((built.out_dir / "sub-02" / "ses-02" / "anat" /
+                          f"{built.ood_prefix}_label-CL_desc-summary_stats.json").read_text())
+    assert ood.notna().sum() == 1 and ood[built.ood_prefix] == summary["OODWarning"]
+    assert "median brain intensity" in ood[built.ood_prefix]
 
 
-def test_failed_and_missing_are_listed(built: FakeDataset, result: GroupResult) -> None:
+def test_failed_and_missing_are_listed(built: Derivatives, result: GroupResult) -> None:
     status = _tsv(built.out_dir / "group_status.tsv").set_index("participant_id")
     assert status["status"].to_dict() == {"sub-01": "ok", "sub-02": "ok", "sub-03": "ok",
                                           "sub-04": "failed", "sub-05": "missing"}
     assert status.loc["sub-04", "reason"].startswith("sub-04_ses-0")
+    for prefix, reason in built.reasons.items():  # each failed target's one-line reason
+        assert f"{prefix}: {reason} (exit 65)" in status.loc["sub-04", "reason"]
     assert result.failed == ["sub-04"] and result.missing == ["sub-05"]
     page = (built.out_dir / "group.html").read_text(encoding="utf-8")
     assert "sub-04 (failed)" in page and "sub-05 (missing)" in page
 
 
-def test_statistics_files(built: FakeDataset, result: GroupResult) -> None:
+def test_statistics_files(built: Derivatives, result: GroupResult) -> None:
     desc = _tsv(built.out_dir / "group_desc-descriptive_stats.tsv")
     assert {"all", "session_id", "sequence", "field_strength", "sex", "site", "diagnosis"} <= \
         set(desc["group_by"])
@@ -99,7 +110,7 @@ def test_statistics_files(built: FakeDataset, result: GroupResult) -> None:
         built.counts["sub-01_ses-02"] - built.counts["sub-01_ses-01"]
 
 
-def test_plots_png_and_svg(built: FakeDataset, result: GroupResult) -> None:
+def test_plots_png_and_svg(built: Derivatives, result: GroupResult) -> None:
     names = {p.name for p in (built.out_dir / "figures").iterdir()}
     for stem in ("distributions", "bySex", "bySite", "byDiagnosis", "bySequence",
                  "byFieldStrength", "trajectories"):
@@ -109,7 +120,7 @@ def test_plots_png_and_svg(built: FakeDataset, result: GroupResult) -> None:
     assert result.warnings == []
 
 
-def test_frequency_map_one_vote_per_session(built: FakeDataset, result: GroupResult) -> None:
+def test_frequency_map_one_vote_per_session(built: Derivatives, result: GroupResult) -> None:
     path = built.out_dir / f"group_space-{SPACE}_desc-frequency_probseg.nii.gz"
     assert result.frequency_maps == {SPACE: path}
     freq = np.asarray(nib.load(str(path)).dataobj)
@@ -122,7 +133,7 @@ def test_frequency_map_one_vote_per_session(built: FakeDataset, result: GroupRes
     assert meta["VotingUnit"] == "participant-session"
 
 
-def test_frequency_map_merges_targets_of_a_session(built: FakeDataset, tmp_path: Path) -> None:
+def test_frequency_map_merges_targets_of_a_session(built: Derivatives, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(built.out_dir / "sub-01", out / "sub-01")
     anat = out / "sub-01" / "ses-01" / "anat"
@@ -141,18 +152,18 @@ def test_frequency_map_merges_targets_of_a_session(built: FakeDataset, tmp_path:
     assert set(np.unique(freq)) <= {0.0, 0.5, 1.0}
 
 
-def test_group_html_links_and_tables(built: FakeDataset, result: GroupResult) -> None:
+def test_group_html_links_and_tables(built: Derivatives, result: GroupResult) -> None:
     page = result.html.read_text(encoding="utf-8")
     assert '<a href="sub-01.html#sub-01_ses-01">sub-01_ses-01</a>' in page
     assert '<a href="sub-04.html">sub-04</a>' in page      # failed: its report shows the crash
     assert 'href="sub-05.html"' not in page                # missing: no report to link
-    assert "demo model trained on phantoms only" in page
+    assert MODEL_WARNING in page
     rows = re.search(r'data-rows-key="images"><thead>.*?</thead><tbody>(.*?)</tbody>', page, re.S)
     assert rows and rows.group(1).count("<tr>") == 6
     assert not re.search(r'(src|href)="(https?:)?//', page)
 
 
-def test_rerun_and_participant_selection(built: FakeDataset, tmp_path: Path) -> None:
+def test_rerun_and_participant_selection(built: Derivatives, tmp_path: Path) -> None:
     out = tmp_path / "out"
     for label in ("02", "04"):
         shutil.copytree(built.out_dir / f"sub-{label}", out / f"sub-{label}")
@@ -182,7 +193,7 @@ def test_group_without_any_output(tmp_path: Path) -> None:
 
 @pytest.mark.browser
 @needs_chromium
-def test_group_html_renders_in_chromium(built: FakeDataset, result: GroupResult) -> None:
+def test_group_html_renders_in_chromium(built: Derivatives, result: GroupResult) -> None:
     check = render_check(result.html)
     assert check["errors"] == [] and check["console"] == [] and check["broken"] == []
     assert check["images"] >= 8 and check["imagesOk"] == check["images"]

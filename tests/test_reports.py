@@ -1,8 +1,10 @@
-"""Participant reports on a constructed derivatives folder (bids_cl.reports.testing), incl. a real
-headless-Chromium render check."""
+"""Participant reports on the derivatives of a real participant run on tiny phantoms
+(tests/derivatives_fixture.py), incl. a real headless-Chromium render check."""
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import json
 import os
 import re
@@ -11,26 +13,28 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from derivatives_fixture import CONTAINER, MODEL_NAME, MODEL_WARNING, SPACE, TRAINER, Derivatives
 
-from bids_cl.derivatives.reader import collect_targets, participant_status
+from bids_cl.derivatives import writer
+from bids_cl.derivatives.reader import collect_targets, latest_run_dir, participant_status
 from bids_cl.reports import generate_participant_report, generate_reports
 from bids_cl.reports.browser import find_chromium, render_check
 from bids_cl.reports.figures import lesion_crops
-from bids_cl.reports.testing import SPACE, FakeDataset, make_fake_derivatives
+from bids_cl.utils.bids import WorkItem
 
 needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="chromium not installed")
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> FakeDataset:
-    ds = make_fake_derivatives(tmp_path_factory.mktemp("reports"))
+def built(real_derivatives: Derivatives, tmp_path_factory: pytest.TempPathFactory) -> Derivatives:
+    ds = real_derivatives.copy_output(tmp_path_factory.mktemp("reports"))
     written = generate_reports(ds.out_dir, templates=ds.templates, template_lookup=False)
     assert [p.name for p in written] == ["sub-01.html", "sub-02.html", "sub-03.html",
                                          "sub-04.html"]
     return ds
 
 
-def _html(ds: FakeDataset, label: str) -> str:
+def _html(ds: Derivatives, label: str) -> str:
     return (ds.out_dir / f"sub-{label}.html").read_text(encoding="utf-8")
 
 
@@ -41,7 +45,7 @@ def _lesion_rows(page: str, prefix: str) -> int:
     return match.group(1).count("<tr>")
 
 
-def test_figures_have_bids_like_names(built: FakeDataset) -> None:
+def test_figures_have_bids_like_names(built: Derivatives) -> None:
     figures = sorted(p.name for p in (built.out_dir / "sub-01" / "figures").iterdir())
     assert figures == sorted(
         f"sub-01_ses-0{s}_{kind}" for s in (1, 2) for kind in (
@@ -57,7 +61,7 @@ def test_figures_have_bids_like_names(built: FakeDataset) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_lesions_found_by_position(built: FakeDataset) -> None:
+def test_lesions_found_by_position(built: Derivatives) -> None:
     anat = built.out_dir / "sub-02" / "ses-02" / "anat"
     prefix = "sub-02_ses-02"
     table = pd.read_csv(anat / f"{prefix}_label-CL_desc-lesions_stats.tsv", sep="\t")
@@ -73,21 +77,31 @@ def test_lesions_found_by_position(built: FakeDataset) -> None:
     assert len({c.label for c in crops}) == len(crops)
 
 
-def test_report_content(built: FakeDataset) -> None:
+def test_report_content(built: Derivatives) -> None:
     page = _html(built, "02")
     for prefix in ("sub-02_ses-01", "sub-02_ses-02"):
         assert f'<section id="{prefix}">' in page
         assert _lesion_rows(page, prefix) == built.counts[prefix]
         assert f"sub-02/figures/{prefix}_desc-lesions_T1w.png" in page
     # Provenance from the summary JSON: model warning, OOD warning, strategy, timings, versions.
-    # One model banner per section, not repeated as an engine warning (the engine lists it among its
-    # warnings); the engine's other warnings are kept.
-    assert page.count("<b>Model:</b> demo model trained on phantoms only") == 2
-    assert "<b>Warning:</b> demo model" not in page
-    assert page.count("<b>Warning:</b> the fold predictions disagree on 2 lesions") == 2
-    assert "image intensities outside the training range" in page
-    assert "synthstrip" in page and "segment" in page and "bids_cl-demo" in page
-    assert "docker" in page  # container from dataset_description.json
+    # One model banner per section, not repeated as an engine warning (the summary lists it among its
+    # warnings); the engine's other warnings (here: the unknown trainer class) are kept.
+    assert page.count(f"<b>Model:</b> {html.escape(MODEL_WARNING)}") == 2
+    assert f"<b>Warning:</b> {html.escape(MODEL_WARNING)}" not in page
+    assert page.count(f"<b>Warning:</b> trainer class {TRAINER}") == 2
+    # The OOD warning of ses-02 once, in its own box (the summary's Warnings repeat it).
+    ood = json.loads((built.out_dir / "sub-02" / "ses-02" / "anat" /
+                      "sub-02_ses-02_label-CL_desc-summary_stats.json").read_text())["OODWarning"]
+    assert ood and built.ood_prefix == "sub-02_ses-02"
+    assert page.count(f"<b>Out of distribution:</b> {html.escape(ood)}") == 1
+    assert page.count(html.escape(ood)) == 1
+    assert "skull-strip strategy <b>none</b>" in page and MODEL_NAME in page
+    # Timings from the run's log/<run>/timings.json, per stage.
+    for prefix in ("sub-02_ses-01", "sub-02_ses-02"):
+        assert f'data-rows-key="timings:{prefix}"' in page
+    assert "<td>skullstrip</td>" in page and "<td>segment</td>" in page
+    assert f"<td>register_{SPACE}</td>" in page
+    assert CONTAINER in page  # container from dataset_description.json
     assert "No crash file." in page
     # Offline: nothing fetched from the network, no absolute file paths in src attributes.
     assert not re.search(r'(src|href)="(https?:)?//', page)
@@ -95,32 +109,53 @@ def test_report_content(built: FakeDataset) -> None:
     assert len(page.encode()) < 200_000
 
 
-def test_raw_image_missing_falls_back_to_preproc(built: FakeDataset) -> None:
+def test_raw_image_missing_falls_back_to_preproc(built: Derivatives) -> None:
     page = _html(built, "03")
     assert "skull-stripped image (sub-03_ses-02_desc-preproc_T1w.nii.gz)" in page
     assert "No lesion detected." in page
-    # Timings from the run's log/timings.json when the summary has none.
     assert 'data-rows-key="timings:sub-03_ses-01"' in page
     assert _lesion_rows(page, "sub-03_ses-01") == 0
 
 
-def test_registration_variants(built: FakeDataset) -> None:
-    assert "GM/WM edges" in _html(built, "01")          # warped T1w present
-    assert "warped T1w is not" in _html(built, "02")    # only the lesion mask in template space
+def test_registration_variants(built: Derivatives, tmp_path: Path) -> None:
+    assert "GM/WM edges" in _html(built, "01")          # warped T1w present (the writer writes it)
+    # Without the warped T1w (e.g. deleted to save space) only the lesion mask in template space.
+    out = tmp_path / "out"
+    shutil.copytree(built.out_dir / "sub-02", out / "sub-02")
+    warped = sorted(out.glob(f"sub-02/ses-*/anat/*_space-{SPACE}_desc-preproc_T1w.*"))
+    assert len(warped) == 4
+    for path in warped:
+        path.unlink()
+    page = generate_participant_report(out, "02", templates=built.templates,
+                                       template_lookup=False).read_text(encoding="utf-8")
+    assert "warped T1w is not" in page and "GM/WM edges" not in page
 
 
-def test_failed_participant_report(built: FakeDataset) -> None:
+def test_failed_participant_report(built: Derivatives) -> None:
     page = _html(built, "04")
     assert 'status-failed">failed' in page
-    assert "sub-04_ses-01: input data unusable: image is 2D (1 slice) (exit 65)" in page
-    # Crash text is escaped, not interpreted as HTML.
-    assert "&lt;with brackets &amp; ampersand&gt;" in page
-    assert "<with brackets" not in page
+    # One line per failed target: discovery refused ses-01, the skull strip refused ses-02.
+    assert "3-D" in built.reasons["sub-04_ses-01"]
+    assert "not skull-stripped" in built.reasons["sub-04_ses-02"]
+    for prefix, reason in built.reasons.items():
+        assert f"<b>{html.escape(f'{prefix}: {reason} (exit 65)')}</b>" in page
     status = participant_status(built.out_dir, "sub-04")
     assert status.status == "failed" and len(status.crash_files) == 2
 
 
-def test_cap_on_lesions_shown(built: FakeDataset, tmp_path: Path) -> None:
+def test_crash_text_is_escaped(built: Derivatives, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(built.out_dir / "sub-04", out / "sub-04")
+    log = latest_run_dir(out, "04")
+    writer.write_crash_note(log, "sub-04_ses-01", "unexpected ValueError: <with brackets & ampersand>",
+                            1, [])
+    page = generate_participant_report(out, "04", template_lookup=False).read_text(encoding="utf-8")
+    # Crash text is escaped, not interpreted as HTML.
+    assert "&lt;with brackets &amp; ampersand&gt;" in page
+    assert "<with brackets" not in page
+
+
+def test_cap_on_lesions_shown(built: Derivatives, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(built.out_dir / "sub-02", out / "sub-02")
     generate_participant_report(out, "sub-02", template_lookup=False, max_lesions=3)
@@ -131,7 +166,7 @@ def test_cap_on_lesions_shown(built: FakeDataset, tmp_path: Path) -> None:
     assert f"Template {SPACE} is not available here" in page
 
 
-def test_rerun_overwrites_atomically(built: FakeDataset, tmp_path: Path) -> None:
+def test_rerun_overwrites_atomically(built: Derivatives, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(built.out_dir / "sub-03", out / "sub-03")
     first = generate_participant_report(out, "03", template_lookup=False)
@@ -144,19 +179,25 @@ def test_rerun_overwrites_atomically(built: FakeDataset, tmp_path: Path) -> None
     assert leftovers == []  # no temporary files left behind
 
 
-def test_partial_and_stale_crash_status(built: FakeDataset, tmp_path: Path) -> None:
+def test_partial_and_stale_crash_status(built: Derivatives, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(built.out_dir / "sub-01", out / "sub-01")
-    log = out / "sub-01" / "log" / "run-01"
+    log = latest_run_dir(out, "01")
+    assert log is not None and log.name == built.run_uuid
     targets = collect_targets(out, "01")
     newest = max(t.summary_path.stat().st_mtime for t in targets)
-    crash = log / "crash-old.txt"
-    crash.write_text("sub-01_ses-02: earlier failure\n", encoding="utf-8")
+    # A crash note of an earlier run, older than the outputs.
+    earlier = out / "sub-01" / "log" / "20000101-000000_00000000"
+    crash = writer.write_crash_note(earlier, "sub-01_ses-02", "earlier failure", 1, [])
     os.utime(crash, (newest - 100, newest - 100))
+    os.utime(earlier, (newest - 100, newest - 100))
     assert participant_status(out, "01").status == "ok"  # stale crash of an earlier run
-    items = json.loads((log / "discovery.json").read_text())
-    items.append({"participant": "01", "session": "03", "prefix": "sub-01_ses-03"})
-    (log / "discovery.json").write_text(json.dumps(items))
+    # The latest run also planned a third session, which left no outputs.
+    items = [WorkItem.from_dict(i) for i in json.loads((log / "discovery.json").read_text())]
+    third = dataclasses.replace(items[-1], session="03", prefix="sub-01_ses-03",
+                                target=items[-1].target.replace("ses-02", "ses-03"))
+    writer.write_participant_log(out, "01", log.name, config_toml=(log / "bids_cl.toml").read_text(),
+                                 items=[*items, third])
     status = participant_status(out, "01")
     assert status.status == "partial" and status.missing_targets == ["sub-01_ses-03"]
 
@@ -169,7 +210,7 @@ def test_missing_participant_report(tmp_path: Path) -> None:
 
 @pytest.mark.browser
 @needs_chromium
-def test_participant_reports_render_in_chromium(built: FakeDataset) -> None:
+def test_participant_reports_render_in_chromium(built: Derivatives) -> None:
     for label in ("01", "02", "03"):
         result = render_check(built.out_dir / f"sub-{label}.html")
         assert result["errors"] == [] and result["console"] == []
@@ -184,7 +225,7 @@ def test_participant_reports_render_in_chromium(built: FakeDataset) -> None:
 
 @pytest.mark.browser
 @needs_chromium
-def test_render_check_catches_broken_images(built: FakeDataset) -> None:
+def test_render_check_catches_broken_images(built: Derivatives) -> None:
     # Negative control: the check must notice a missing figure and a script error.
     page = _html(built, "01").replace("sub-01/figures/sub-01_ses-01_desc-lesions_T1w.png",
                                       "sub-01/figures/does-not-exist.png")

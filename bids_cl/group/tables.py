@@ -134,7 +134,8 @@ def image_row(target: TargetOutputs) -> dict[str, Any]:
         "ood_warning": s.get("OODWarning") or None,
         "lesion_count": _number(s.get("LesionCount")),
         "total_volume_ul": _number(s.get("TotalVolume_uL")),
-        "median_volume_ul": _number(s.get("MedianVolume_uL")),
+        # The summary writes 0 without lesions; a median of no lesion is undefined (n/a) for the stats.
+        "median_volume_ul": _number(s.get("MedianVolume_uL")) if s.get("LesionCount") else np.nan,
         "threshold": _number(s.get("Threshold")),
         "connectivity": _number(s.get("Connectivity")),
         # The size as given: a volume ("80uL", e.g. the model's tuned size) is not a plain number.

@@ -182,8 +182,9 @@ def _warnings(target: TargetOutputs) -> list[tuple[str, str]]:
     if s.get("OODWarning"):
         out.append(("Out of distribution", str(s["OODWarning"])))
     for w in s.get("Warnings") or []:
-        # The engine repeats the model's own warning among its warnings; the banner above already has it.
-        if str(w) != warning:
+        # The summary's Warnings repeat the model's own warning and the OOD warning (the writer lists
+        # every warning there); the boxes above already show them.
+        if str(w) not in (warning, s.get("OODWarning")):
             out.append(("Warning", str(w)))
     return out
 
