@@ -140,6 +140,7 @@ def test_workflow_graph_has_a_branch_per_session_and_target(tmp_path: Path) -> N
     segment = next(n for n in workflow._get_all_nodes() if n.fullname.endswith("ses_02_wf.segment"))  # noqa: SLF001
     assert segment.inputs.record_file.endswith("/targets/sub-01_ses-02.json")
     assert "record_file" not in dict(segment.inputs.get_hashval()[0])
+    assert segment.inputs.model_verified is True  # verified once by the runner, not in every node
     # The methods text: every workflow's paragraph once, outermost first.
     methods = collect_methods(workflow)
     assert methods[0].startswith("Cortical lesions were segmented with bids_cl")
@@ -217,3 +218,15 @@ def test_full_disk_while_writing_is_73_naming_the_folder(tmp_path: Path,
     failed = TargetRecord.read(record)
     assert (failed.status, failed.exit_code, failed.stage) == ("failed", 73, "writing derivatives")
     assert "\n" not in failed.reason
+
+
+def test_nodes_do_not_hash_the_model_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock was verified in the parent and again in every segmentation node; now once per run."""
+    from bids_cl.engine import models, store
+
+    calls = []
+    monkeypatch.setattr(store, "verified", lambda folder, what: calls.append(folder))
+    models.load_model("demo")
+    assert len(calls) == 1
+    models.load_model("demo", verify=False)
+    assert len(calls) == 1

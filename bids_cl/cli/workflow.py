@@ -44,6 +44,7 @@ def resolve_run(config: RunConfig) -> tuple[ResolvedRun, dict[str, Any]]:
     verified here, once for the run; the segmentation nodes load the verified folder.
     """
     from bids_cl.engine import load_model
+    from bids_cl.engine.registry import PUBLISHED_MODEL
     from bids_cl.engine.segmentation import resolve_device
     from bids_cl.utils.resources import effective_cpus, effective_mem_mb
 
@@ -60,7 +61,8 @@ def resolve_run(config: RunConfig) -> tuple[ResolvedRun, dict[str, Any]]:
                        "augmentation off unless asked).")
     nprocs, omp_nthreads = effective_cpus(config.nprocs, config.omp_nthreads)
     resolved = ResolvedRun(device=device, nprocs=nprocs, omp_nthreads=omp_nthreads,
-                           mem_mb=effective_mem_mb(config.mem_mb), model=config.model,
+                           mem_mb=effective_mem_mb(config.mem_mb),
+                           model=PUBLISHED_MODEL if config.model == "auto" else config.model,
                            random_seed=config.random_seed)
     return resolved, model.provenance
 

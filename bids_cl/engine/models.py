@@ -63,12 +63,16 @@ def _trust(lock_dir: Path | None) -> str:
     return store.UNVERIFIED if store.origin_of(lock_dir) == store.UNVERIFIED else "lock"
 
 
-def resolve_model(name_or_path: str | os.PathLike[str], *, configuration: str | None = None
-                  ) -> ResolvedModel:
+def resolve_model(name_or_path: str | os.PathLike[str], *, configuration: str | None = None,
+                  verify: bool = True) -> ResolvedModel:
     """Locate a model by registry/installed name, folder or export zip, and check that it may be loaded.
 
     Never downloads: a known but missing model raises ``BidsClError(code 66)`` with the install command.
+    ``verify=False`` skips re-hashing the files against their lock: only for a process whose parent
+    verified the same model in this run (the participant workflow verifies once, not once per node).
+    Checkpoints are read with the safe loader either way.
     """
+    check = store.verified if verify else (lambda folder, what: None)
     text = registry.canonical_name(os.fspath(name_or_path))
     if text == "auto":
         # The default of --model: the published model once installed; never a silent fallback to
@@ -93,7 +97,7 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, configuration: str | 
                                   f"{registry.install_command(text)}", EXIT_MISSING_INPUT)
             raise BidsClError(f"model '{text}' is not installed. Install it with: "
                               f"{registry.install_command(text)}", EXIT_MISSING_INPUT)
-        store.verified(root, f"model '{text}'")
+        check(root, f"model '{text}'")
         unsafe = (not (spec is not None and spec.packaged)
                   and store.lock_source(root).get(store.UNSAFE_KEY) is True)
         return ResolvedModel(text, root, find_model_folder(root, configuration), _trust(root), root,
@@ -109,13 +113,13 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, configuration: str | 
             raise BidsClError(f"{path} is a file but not a zip archive of an nnU-Net model",
                               EXIT_BAD_DATA)
         root = store.unpack_archive(path.resolve())
-        store.verified(root, f"the model unpacked from {path}")
+        check(root, f"the model unpacked from {path}")
         return ResolvedModel(path.stem, root, find_model_folder(root, configuration), _trust(root), root)
     root = path.resolve()
     model_dir = find_model_folder(root, configuration)
     locks = locks_between(root, model_dir, LOCK_NAME)
     for folder in locks:
-        store.verified(folder, f"the model in {folder}")
+        check(folder, f"the model in {folder}")
     if locks:
         return ResolvedModel(root.name, root, model_dir, _trust(locks[0]), locks[0])
     log.warning("model %s has no lock file (unverified source): its checkpoints are read with the "
@@ -355,9 +359,12 @@ class CLModel:
         }
 
 
-def load_model(name_or_path: str | os.PathLike[str] | CLModel, *, configuration: str | None = None
-               ) -> CLModel:
-    """A ``CLModel`` for ``"demo"``, an installed/registry name, a model folder or an export zip."""
+def load_model(name_or_path: str | os.PathLike[str] | CLModel, *, configuration: str | None = None,
+               verify: bool = True) -> CLModel:
+    """A ``CLModel`` for ``"demo"``, an installed/registry name, a model folder or an export zip.
+
+    ``verify``: see :func:`resolve_model` (False only where the run's parent verified this model).
+    """
     if isinstance(name_or_path, CLModel):
         return name_or_path
-    return CLModel(resolve_model(name_or_path, configuration=configuration))
+    return CLModel(resolve_model(name_or_path, configuration=configuration, verify=verify))

@@ -119,6 +119,8 @@ class _SegmentInputSpec(_RecordedInputSpec):
     in_file = File(exists=True, mandatory=True, desc="skull-stripped T1-weighted image")
     mask_file = File(exists=True, desc="brain mask (tiles outside it are skipped)")
     model = traits.Str(mandatory=True, desc="registry name or model path")
+    model_verified = traits.Bool(False, usedefault=True, nohash=True,
+                                 desc="the run verified the model's lock already (once per run)")
     device = traits.Enum("auto", "cuda", "cpu", usedefault=True)
     folds = traits.Either(None, traits.List(traits.Int), default=None, usedefault=True)
     tta = traits.Either(None, traits.Bool, default=None, usedefault=True)
@@ -154,6 +156,7 @@ class Segment(_RecordedInterface):
             folds=self.inputs.folds, tta=self.inputs.tta, threshold=self.inputs.threshold,
             min_lesion_size=self.inputs.min_lesion_size,
             connectivity=int(self.inputs.connectivity), nthreads=self.inputs.nthreads,
+            model_verified=self.inputs.model_verified,
         )
         self._results.update(out_probseg=files["probseg"], out_mask=files["mask"],
                              out_lesions=files["lesions"], out_info=files["info"])

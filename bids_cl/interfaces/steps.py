@@ -49,14 +49,18 @@ def segment_files(
     brain_file: str, out_dir: str, *, model: str, mask_file: str | None = None,
     device: str = "auto", folds: list[int] | None = None, tta: bool | None = None,
     threshold: float | None = None, min_lesion_size: str | None = None, connectivity: int = 26,
-    nthreads: int | None = None,
+    nthreads: int | None = None, model_verified: bool = False,
 ) -> dict[str, str]:
-    """Run the nnU-Net engine on a skull-stripped image; write probseg, mask, table and the record."""
+    """Run the nnU-Net engine on a skull-stripped image; write probseg, mask, table and the record.
+
+    ``model_verified``: the run's parent verified this model's lock (once per run), so it is not hashed
+    again here; its checkpoints are still read with the safe loader.
+    """
     from bids_cl.engine import load_model, segment
 
     start = time.perf_counter()
     out = Path(out_dir)
-    cl_model = load_model(model)
+    cl_model = load_model(model, verify=not model_verified)
     loaded = time.perf_counter() - start
     result = segment(brain_file, cl_model, device=device, folds=folds, tta=tta, threshold=threshold,
                      min_lesion_size=min_lesion_size, connectivity=connectivity, nthreads=nthreads,

@@ -151,8 +151,9 @@ def init_target_wf(*, config: RunConfig, resolved: ResolvedRun, item: WorkItem,
         skullstrip.inputs.synthstrip_model = str(config.synthstrip_model)
 
     segment = pe.Node(
-        Segment(model=resolved.model, device=resolved.device, folds=config.folds,
-                tta=False if config.disable_tta else None, threshold=config.threshold,
+        # The runner verified the model's lock once for the run: the nodes do not hash it again.
+        Segment(model=resolved.model, model_verified=True, device=resolved.device,
+                folds=config.folds, tta=False if config.disable_tta else None, threshold=config.threshold,
                 min_lesion_size=config.min_lesion_size, connectivity=config.connectivity,
                 nthreads=nthreads, use_gpu=resolved.device == "cuda", **recorded),
         name="segment", n_procs=nthreads, mem_gb=SEGMENT_MEM_GB)
