@@ -303,3 +303,13 @@ def test_concurrent_run_on_the_same_work_folder_is_refused(tmp_path: Path) -> No
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(errors) == 1 and "in use for sub-01" in errors[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_malformed_plugin_yaml_is_one_line(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    """PyYAML's error spans 8 lines (marks, carets); the user gets one, with the line number."""
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: MultiProc\nplugin_args: {n_procs: 2\n  bad: [\n")
+    proc = run_cli(mp2rage_dataset, tmp_path / "out", "participant", "--use-plugin", plugin,
+                   "--dry-run", "--skip-bids-validation")
+    assert proc.returncode == 64, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "not valid YAML at line" in proc.stderr

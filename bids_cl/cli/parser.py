@@ -236,7 +236,10 @@ def load_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise BidsClError(f"--use-plugin {path} is not valid YAML ({exc})", EXIT_USAGE) from None
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise BidsClError(f"--use-plugin {path} is not valid YAML{line} "
+                          f"({getattr(exc, 'problem', None) or type(exc).__name__})", EXIT_USAGE) from None
     if not isinstance(data, dict) or "plugin" not in data:
         raise BidsClError(f"--use-plugin {path} must set 'plugin:'", EXIT_USAGE)
     plugin = str(data["plugin"])
