@@ -218,6 +218,13 @@ def test_full_disk_while_writing_is_73_naming_the_folder(tmp_path: Path,
     failed = TargetRecord.read(record)
     assert (failed.status, failed.exit_code, failed.stage) == ("failed", 73, "writing derivatives")
     assert "\n" not in failed.reason
+    # Space is back: the same node completes, and nothing of the failed attempt is left.
+    monkeypatch.setattr("bids_cl.utils.io.atomic_write", real)
+    node.run(cwd=str(work))
+    assert TargetRecord.read(record).ok
+    anat = tmp_path / "out" / item.anat_dir
+    assert (anat / "sub-01_ses-02_label-CL_desc-summary_stats.json").is_file()
+    assert not [p for p in anat.iterdir() if p.name.startswith(".")]
 
 
 def test_nodes_do_not_hash_the_model_again(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -229,6 +229,45 @@ def test_killed_run_resumes_to_identical_outputs(first_run: dict, phantom: Path,
     assert _derivative_snapshot(out) == reference
 
 
+# Where each stage is running: a file or folder that appears when it starts (relative to work or out).
+STAGE_MARKERS = [
+    ("skull stripping", "work", "**/skullstrip"),
+    ("segmentation", "work", "**/segment"),
+    ("registration", "work", "**/register"),
+    ("writing", "out", "sub-01/ses-*/anat/*"),
+]
+
+
+def test_kill_at_every_stage_then_rerun_is_identical(first_run: dict, phantom: Path, model: str,
+                                                     env: dict[str, str], tmp_path: Path) -> None:
+    """kill -9 while skull stripping, segmenting, registering and writing; each run resumes the last;
+    the final derivatives are byte-identical to an uninterrupted run's and no temporary is left."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = _command(phantom, out, work, model, "--participant-label", "01")
+    killed = []
+    for stage, where, pattern in STAGE_MARKERS:
+        root = work if where == "work" else out
+        before = set(root.glob(pattern)) if root.exists() else set()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if root.exists() and set(root.glob(pattern)) - before:
+                break
+            time.sleep(0.05)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed.append(stage)
+        proc.wait()
+    assert len(killed) >= 3, f"only interrupted during {killed}"
+    rerun = _run(cmd, env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    reference = {k: v for k, v in _derivative_snapshot(first_run["out"]).items()
+                 if not k.startswith("sub-02")}
+    assert _derivative_snapshot(out) == reference
+    assert not [p for p in out.rglob("*") if p.name.startswith(".bids_cl-tmp.")]
+
+
 def test_concurrent_participants_and_no_network(phantom: Path, model: str, env: dict[str, str],
                                                 tmp_path: Path) -> None:
     """Two participants at once into one output folder, with every socket connection refused."""
