@@ -87,6 +87,17 @@ OUTPUTS: dict[str, Output] = {
                   "Per-lesion measurements of the cortical lesion mask (one row per lesion)"),
     "summary": _o({"label": "CL", "desc": "summary"}, "stats", ".json",
                   "Per-image summary of the cortical lesion segmentation (lesion count, volumes)"),
+    # Lesion-level change between an earlier session E and this (later) session L of one target line
+    # (bids_cl.longitudinal): in L's anat folder, named with L's prefix; "{earlier}" is E's session
+    # label. Named with change_name(); the summary is written last (a complete pair has its summary).
+    "change_table": _o({"label": "CL", "desc": "changeFrom{earlier}"}, "stats", ".tsv",
+                       "Per-lesion change since an earlier session (one row per lesion relation)"),
+    "change_dseg": _o({"desc": "changeFrom{earlier}"}, "dseg", ".nii.gz",
+                      "Change class of every lesion on this session's grid (1 new, 2 enlarging, "
+                      "3 stable, 4 shrinking, 5 disappeared)"),
+    "change_summary": _o({"label": "CL", "desc": "changeSummaryFrom{earlier}"}, "stats", ".json",
+                         "Counts of new, enlarging, stable, shrinking and disappeared lesions since an "
+                         "earlier session, net volume change, alignment quality and the rules used"),
 }
 
 # desc- values and what they mean (descriptions.tsv at the derivatives root).
@@ -101,6 +112,44 @@ DESCRIPTIONS = {
 def output_name(prefix: str, key: str, *, space: str | None = None) -> str:
     """The file name of derivative ``key`` (a key of :data:`OUTPUTS`) of the target ``prefix``."""
     return OUTPUTS[key].name(prefix, space=space)
+
+
+CHANGE_KEYS = ("change_table", "change_dseg", "change_summary")
+_EARLIER = "{earlier}"
+
+
+def change_name(prefix: str, key: str, *, earlier: str) -> str:
+    """The file name of change output ``key`` (:data:`CHANGE_KEYS`) of the later session's target
+    ``prefix``, relative to the earlier session labelled ``earlier`` (``01`` -> ``desc-changeFrom01``)."""
+    if key not in CHANGE_KEYS:
+        raise ValueError(f"{key} is not a change output ({', '.join(CHANGE_KEYS)})")
+    if not earlier or not earlier.isalnum():
+        raise ValueError(f"a session label is alphanumeric, not {earlier!r}")
+    return OUTPUTS[key].name(prefix).replace(_EARLIER, earlier)
+
+
+def _change_pattern(key: str) -> tuple[str, str]:
+    """What comes before and after E's label in change output ``key``'s name (prefix excluded)."""
+    if key not in CHANGE_KEYS:
+        raise ValueError(f"{key} is not a change output ({', '.join(CHANGE_KEYS)})")
+    head, tail = OUTPUTS[key].name("").split(_EARLIER)
+    return head, tail
+
+
+def change_glob(key: str) -> str:
+    """Glob (below an ``anat`` folder) matching change output ``key`` of every pair."""
+    head, tail = _change_pattern(key)
+    return f"*{head}*{tail}"
+
+
+def parse_change_name(filename: str, key: str) -> tuple[str, str] | None:
+    """``(later prefix, earlier session label)`` of a change output file name of kind ``key``, else None."""
+    head, tail = _change_pattern(key)
+    if not filename.endswith(tail) or head not in filename:
+        return None
+    stem = filename[: -len(tail)]
+    prefix, _, earlier = stem.rpartition(head)
+    return (prefix, earlier) if prefix and earlier.isalnum() else None
 
 
 def anat_dir(participant: str, session: str | None) -> str:
