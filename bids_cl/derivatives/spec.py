@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PIPELINE_NAME = "bids_cl"
 CODE_URL = "https://github.com/bids-cl/bids_cl"
@@ -212,6 +213,78 @@ LESION_TABLE_DICTIONARY: dict[str, dict[str, str]] = {
     "template_x": {"Description": "Lesion centroid in the template space of the run, x", "Units": "mm"},
     "template_y": {"Description": "Lesion centroid in the template space of the run, y", "Units": "mm"},
     "template_z": {"Description": "Lesion centroid in the template space of the run, z", "Units": "mm"},
+}
+
+# Lesion-level change between two sessions (bids_cl.longitudinal; docs/longitudinal.md).
+CHANGE_CODES = {"new": 1, "enlarging": 2, "stable": 3, "shrinking": 4, "disappeared": 5}
+CHANGE_COLUMNS = [
+    "lesion_id_before", "lesion_id_after", "change", "merge_split",
+    "volume_before_ul", "volume_after_ul", "change_ul", "change_pct",
+    "centroid_x", "centroid_y", "centroid_z", "template_x", "template_y", "template_z",
+    "mean_prob_before", "mean_prob_after", "prior_max_prob", "probability_rescued",
+]
+CHANGE_TABLE_DICTIONARY: dict[str, dict[str, Any]] = {
+    "lesion_id_before": {"Description": "lesion_id in the earlier session's lesion table (n/a: no "
+                         "earlier lesion, i.e. new or rescued by the probability rule)"},
+    "lesion_id_after": {"Description": "lesion_id in this (later) session's lesion table (n/a: "
+                        "disappeared)"},
+    "change": {"Description": "Change class of the lesion (of its merge/split group)",
+               "Levels": {"new": "no earlier lesion within the tolerance, no earlier probability "
+                          "above the rescue threshold", "enlarging": "grew by at least the relative "
+                          "and the absolute threshold", "stable": "neither enlarging nor shrinking",
+                          "shrinking": "shrank by at least the relative and the absolute threshold",
+                          "disappeared": "no later lesion within the tolerance"}},
+    "merge_split": {"Description": "Several earlier lesions joined into one later lesion (merge: "
+                    "one row per earlier lesion) or one earlier lesion broke into several (split: one "
+                    "row per later lesion)", "Levels": {"none": "one-to-one or unmatched",
+                                                         "merge": "merge", "split": "split"}},
+    "volume_before_ul": {"Description": "Volume of the earlier lesion (its lesion table); for a "
+                         "rescued lesion the earlier extent above the rescue probability; 0 when new",
+                         "Units": "uL"},
+    "volume_after_ul": {"Description": "Volume of the later lesion (its lesion table); 0 when "
+                        "disappeared", "Units": "uL"},
+    "change_ul": {"Description": "Volume change, later minus earlier (of the whole group for merge and "
+                  "split rows)", "Units": "uL"},
+    "change_pct": {"Description": "Volume change relative to the earlier volume (of the whole group for "
+                   "merge and split rows); n/a when new", "Units": "%"},
+    "centroid_x": {"Description": "Lesion centroid in this session's scanner (RAS+) space, x (a "
+                   "disappeared lesion: the earlier centroid mapped into this session)", "Units": "mm"},
+    "centroid_y": {"Description": "As centroid_x, y", "Units": "mm"},
+    "centroid_z": {"Description": "As centroid_x, z", "Units": "mm"},
+    "template_x": {"Description": "Lesion centroid in the run's template space, x (from the lesion "
+                   "tables; n/a without template space)", "Units": "mm"},
+    "template_y": {"Description": "As template_x, y", "Units": "mm"},
+    "template_z": {"Description": "As template_x, z", "Units": "mm"},
+    "mean_prob_before": {"Description": "Mean lesion probability of the earlier lesion (its table)"},
+    "mean_prob_after": {"Description": "Mean lesion probability of the later lesion (its table)"},
+    "prior_max_prob": {"Description": "Maximum earlier-session probability inside the later lesion's "
+                       "footprint after alignment (n/a when disappeared)"},
+    "probability_rescued": {"Description": "true when the earlier probability map stopped this lesion "
+                            "from being called new (a faint earlier lesion below the threshold)"},
+}
+CHANGE_SUMMARY_FIELDS: dict[str, str] = {
+    "New": "later lesions without an earlier one",
+    "Enlarging": "later lesions (or merge/split groups' later lesions) that grew",
+    "Stable": "later lesions neither enlarging nor shrinking",
+    "Shrinking": "later lesions that shrank",
+    "Disappeared": "earlier lesions without a later one",
+    "Merges": "groups of several earlier lesions joined into one later lesion",
+    "Splits": "groups of one earlier lesion broken into several later lesions",
+    "ProbabilityRescued": "later lesions the probability rule kept from being new",
+    "LesionCountBefore": "lesions in the earlier session's table",
+    "LesionCountAfter": "lesions in the later session's table",
+    "TotalVolumeBefore_uL": "total lesion volume of the earlier session (uL)",
+    "TotalVolumeAfter_uL": "total lesion volume of the later session (uL)",
+    "NetVolumeChange_uL": "TotalVolumeAfter_uL - TotalVolumeBefore_uL",
+    "AlignmentQuality": "correlation of the two skull-stripped images inside both brains, halfway space",
+    "AlignmentQualityUnaligned": "the same correlation before alignment (identity), for comparison",
+    "AlignmentAccepted": "AlignmentQuality >= Rules.min_alignment",
+    "Alignment": "method, seed and the earlier -> later rigid transform (RAS mm, 4x4)",
+    "Rules": "the thresholds used (docs/longitudinal.md)",
+    "Earlier": "prefix of the earlier session's target",
+    "Later": "prefix of the later session's target",
+    "Refused": "null, or why no change was classified (then no table and no map exist)",
+    "GeneratedBy": "bids_cl name and version",
 }
 
 # The per-image summary JSON: every key the writer writes, in its order, and what it holds.
