@@ -296,8 +296,10 @@ def _process_target(config: Any, item: Any, work: Path, log_dir: Path) -> Any:
                                         strategy=config.skull_strip,
                                         is_mp2rage=item.sequence == "MP2RAGE", nthreads=1)
         stage = "segmentation"
+        # The runner verified the model once for the run (build_derivatives), as resolve_run does.
         seg = steps.segment_files(strip["brain"], str(work / "segment"), model=config.model,
-                                  mask_file=strip["mask"], device=config.device, folds=config.folds,
+                                  model_verified=True, mask_file=strip["mask"], device=config.device,
+                                  folds=config.folds,
                                   tta=False if config.disable_tta else None,
                                   threshold=config.threshold, min_lesion_size=config.min_lesion_size,
                                   connectivity=config.connectivity, nthreads=1)
