@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("bids_cl", "bids_cl._version", "bids_cl.errors", "bids_cl.derivatives", "bids_cl.derivatives.spec",
      "bids_cl.derivatives.records"),
     ("bids_cl.utils",),
-    ("bids_cl.engine", "bids_cl.preproc", "bids_cl.synth"),
+    ("bids_cl.engine", "bids_cl.preproc", "bids_cl.synth", "bids_cl.longitudinal"),
     ("bids_cl.config", "bids_cl.evaluation", "bids_cl.train", "bids_cl.derivatives.writer",
      "bids_cl.derivatives.reader"),
     ("bids_cl.interfaces",),
@@ -37,7 +37,9 @@ def _layer(module: str) -> int:
     best, level = -1, None
     for index, names in enumerate(LAYERS):
         for name in names:
-            if (module == name or module.startswith(name + ".")) and len(name) > best:
+            # The package itself ("bids_cl") is its own __init__ only, not a prefix of everything.
+            inside = module.startswith(name + ".") and name != "bids_cl"
+            if (module == name or inside) and len(name) > best:
                 best, level = len(name), index
     assert level is not None, f"{module} is in no layer: add it to LAYERS and the architecture page"
     return level
