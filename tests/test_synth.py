@@ -31,6 +31,7 @@ from bids_cl.synth import (
     quality,
     simulate_subject,
     write_dataset,
+    write_subject,
 )
 from bids_cl.synth.anatomy import CSF, GM, VENTRICLE, WM
 from bids_cl.synth.cli import main as synth_main
@@ -155,6 +156,91 @@ def test_lesion_status_over_sessions():
     new = lesions.Lesion(2, "deep_wm", (blob,), onset=2)
     assert new.scale_at(1) is None and new.status_at(2) == "new"
     assert LESION_TYPES["juxtacortical"] == "CL" and LESION_TYPES["periventricular"] == "WML"
+    shrinking = lesions.Lesion(3, "intracortical", (blob,), shrink_at=2, shrink=0.8)
+    assert [shrinking.status_at(s) for s in (1, 2, 3)] == ["baseline", "shrinking", "stable"]
+    assert [shrinking.scale_at(s) for s in (1, 2, 3)] == [1.0, 0.8, 0.8]
+    assert shrinking.sizes == (0.8, 1.0)
+    gone = lesions.Lesion(4, "juxtacortical", (blob,), onset=2, disappear_at=3)
+    assert [gone.status_at(s) for s in (1, 2, 3, 4)] == [None, "new", "disappeared", None]
+    assert [gone.scale_at(s) for s in (1, 2, 3, 4)] == [None, 1.0, None, None]
+    assert [gone.present_at(s) for s in (1, 2, 3, 4)] == [False, True, False, False]
+
+
+def test_course_events_and_their_sessions():
+    """Each lesion with later sessions has at most one event; its session is a later one; every
+    event happens, at the configured rates (plan only: no drawing)."""
+    from bids_cl.synth.generate import _LESIONS, P_DISAPPEAR, P_ENLARGE, P_SHRINK, _rng, lesion_plan
+
+    counts = {"enlarge": 0, "shrink": 0, "disappear": 0, "none": 0}
+    for seed in range(60):
+        options = SynthOptions(participants=1, sessions=3, seed=seed, lesion_free_fraction=0.0)
+        person = plan_participants(options)[0]
+        for entry in lesion_plan(_rng(seed, 0, _LESIONS), person, 3, "tiny"):
+            events = {k: v for k, v in (("enlarge", entry.enlarge_at), ("shrink", entry.shrink_at),
+                                        ("disappear", entry.disappear_at)) if v is not None}
+            assert len(events) <= 1
+            if entry.onset == 3:
+                assert not events  # no later session: no event
+                continue
+            for at in events.values():
+                assert entry.onset < at <= 3
+            counts[next(iter(events), "none")] += 1
+    total = sum(counts.values())
+    for key, p in (("enlarge", P_ENLARGE), ("shrink", P_SHRINK), ("disappear", P_DISAPPEAR)):
+        assert abs(counts[key] / total - p) < 0.06, (key, counts)
+
+
+def test_one_session_datasets_draw_what_they_drew_before():
+    """The course draws nothing without later sessions, so 1-session phantoms (the demo model's
+    training and evaluation sets, the README demo) keep their lesions: the truth table of the
+    README demo's sub-01 (seed 2026), as the generator wrote it before shrinking and disappearing
+    lesions existed."""
+    options = SynthOptions(participants=2, sessions=1, seed=2026, sequence="both", field="mixed")
+    subject = simulate_subject(options, plan_participants(options)[0])
+    (ph,) = [img for img in subject.images if img.sequence == "mp2rage"]
+    got = [(r["lesion_id"], r["type"], r["label"], f"{r['volume_ul']:.3f}",
+            *(f"{r[c]:.3f}" for c in ("centroid_x", "centroid_y", "centroid_z")), r["status"])
+           for r in ph.rows]
+    assert got == [
+        (1, "leukocortical", "CL", "312.000", "-35.205", "-26.846", "67.359", "baseline"),
+        (2, "intracortical", "CL", "312.000", "7.359", "-14.179", "-5.256", "baseline"),
+        (3, "deep_wm", "WML", "56.000", "28.143", "-16.143", "38.714", "baseline"),
+        (4, "deep_wm", "WML", "208.000", "-26.846", "-45.923", "23.077", "baseline"),
+        (5, "deep_wm", "WML", "416.000", "33.346", "-10.115", "19.615", "baseline"),
+        (6, "periventricular", "WML", "472.000", "9.576", "17.508", "-0.831", "baseline"),
+    ]
+
+
+def test_shrinking_and_disappearing_lesions_in_the_truth(tmp_path):
+    """Three sessions of one participant (seed 3 plans a shrink at ses-02 and ses-03, a
+    disappearance at ses-02, enlargements and new lesions): shrinking lesions are smaller than at
+    the previous session and stay in the image; a disappeared lesion keeps its id, has a row of
+    volume 0 without centroid at the session it vanished, is in no later table and in neither the
+    dseg nor the masks; the written table says the same."""
+    options = SynthOptions(participants=1, sessions=3, seed=3, lesion_free_fraction=0.0)
+    subject = simulate_subject(options, plan_participants(options)[0])
+    rows = {ph.session: {r["lesion_id"]: r for r in ph.rows} for ph in subject.images}
+    by_session = {ph.session: ph for ph in subject.images}
+    seen = set()
+    for ses in (2, 3):
+        before, now = rows[ses - 1], rows[ses]
+        for lesion_id, row in now.items():
+            seen.add(row["status"])
+            if row["status"] == "shrinking":
+                assert 0 < row["volume_ul"] < before[lesion_id]["volume_ul"]
+                assert (by_session[ses].truth.dseg == lesion_id).sum() >= 5
+            if row["status"] == "disappeared":
+                assert lesion_id in before and before[lesion_id]["volume_ul"] > 0
+                assert row["volume_ul"] == 0 and row["centroid_x"] is None
+                assert not (by_session[ses].truth.dseg == lesion_id).any()
+                assert all(lesion_id not in rows[later] for later in range(ses + 1, 4))
+    assert {"new", "enlarging", "stable", "shrinking", "disappeared"} <= seen
+    write_subject(tmp_path, subject, options)
+    table = read_tsv(tmp_path / "derivatives/manual_masks/sub-01/ses-02/anat/"
+                     "sub-01_ses-02_desc-lesions_stats.tsv")
+    gone = [r for r in table if r["status"] == "disappeared"]
+    assert gone and all(r["volume_ul"] == "0.000" and r["centroid_x"] == "n/a" for r in gone)
+    assert [int(r["lesion_id"]) for r in table] == sorted(int(r["lesion_id"]) for r in table)
 
 
 @pytest.mark.parametrize("orientation, codes", [("RAS", ("R", "A", "S")), ("LPS", ("L", "P", "S")),
@@ -245,7 +331,7 @@ def test_missing_colin27_names_the_package(tmp_path, monkeypatch):
 def test_lesions_sit_in_their_tissue(images):
     n_checked = {t: 0 for t in LESION_TYPES}
     for ph in images:
-        for row in ph.rows:
+        for row in ph.present_rows:
             box = crop(ph, row["lesion_id"])
             labels, regions = ph.labels[box], ph.regions[box]
             own = ph.truth.dseg[box] == row["lesion_id"]
@@ -272,7 +358,7 @@ def test_lesions_sit_in_their_tissue(images):
 def test_lesions_are_hypointense(images):
     figures = {"mp2rage": [], "mprage": []}
     for ph in images:
-        for row in ph.rows:
+        for row in ph.present_rows:
             figures[ph.sequence].append(lesion_contrast(ph.target_image, ph, row["lesion_id"]))
     uni, t1w = np.array(figures["mp2rage"]), np.array(figures["mprage"])
     assert len(uni) and len(t1w) and not np.isnan(uni).any() and not np.isnan(t1w).any()
@@ -285,9 +371,9 @@ def test_inv2_is_not_darker_in_lesions(images):
     # INV2 is nearly proton-density weighted: lesions (more free water) are iso- to hyperintense
     for ph in images:
         inv2 = [v for k, v in ph.images.items() if "inv-2" in k]
-        if not inv2 or not ph.rows:
+        if not inv2 or not ph.present_rows:
             continue
-        values = [lesion_contrast(inv2[0], ph, r["lesion_id"]) for r in ph.rows]
+        values = [lesion_contrast(inv2[0], ph, r["lesion_id"]) for r in ph.present_rows]
         assert np.nanmedian(values) > -0.05
 
 
@@ -299,9 +385,9 @@ def test_truth_is_consistent(images):
         assert np.all(ph.brain_mask[ph.truth.dseg > 0])
         # every lesion is one 26-connected component, and no two lesions touch
         comps, n = ndi.label(ph.truth.dseg > 0, structure=np.ones((3, 3, 3)))
-        assert n == len(ph.rows)
+        assert n == len(ph.present_rows)
         voxel_ul = abs(np.linalg.det(ph.affine[:3, :3]))
-        for row in ph.rows:
+        for row in ph.present_rows:
             own = ph.truth.dseg == row["lesion_id"]
             assert len(np.unique(comps[own])) == 1
             assert row["volume_ul"] == pytest.approx(own.sum() * voxel_ul)
@@ -318,11 +404,13 @@ def test_longitudinal_truth(dataset):
                 continue
             before = by_session[(seq, ses - 1)]
             for lesion_id, row in rows.items():
-                assert row["status"] in {"new", "enlarging", "stable"}
+                assert row["status"] in {"new", "enlarging", "stable", "shrinking", "disappeared"}
                 if row["status"] == "new":
                     assert lesion_id not in before
                 if row["status"] == "enlarging" and lesion_id in before:
                     assert row["volume_ul"] > before[lesion_id]["volume_ul"]
+                if row["status"] == "shrinking" and lesion_id in before:
+                    assert row["volume_ul"] < before[lesion_id]["volume_ul"]
     statuses = {r["status"] for s in dataset[1] for ph in s.images for r in ph.rows}
     assert "new" in statuses
 
@@ -421,6 +509,9 @@ def test_truth_files_match_images(dataset):
             assert len(rows) == len(ph.rows)
             for row in rows:
                 own = loaded["desc-lesions_dseg"] == int(row["lesion_id"])
+                if row["status"] == "disappeared":  # no voxel, no centroid
+                    assert not own.any() and row["centroid_x"] == "n/a"
+                    continue
                 mean_ijk = np.argwhere(own).mean(axis=0, keepdims=True)
                 centre = geometry.voxel_centroid_world(raw.affine, mean_ijk)[0]
                 got = np.array([float(row[k]) for k in ("centroid_x", "centroid_y", "centroid_z")])

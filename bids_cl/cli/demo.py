@@ -91,7 +91,8 @@ def _truth_count(bids_dir: Path, rel_anat: Path, prefix: str) -> str:
     if not table.is_file():
         return "n/a"
     truth = pd.read_csv(table, sep="\t")
-    return str(int((truth["label"] == "CL").sum()))
+    # a phantom lesion that disappeared since the previous session has a row of volume 0
+    return str(int(((truth["label"] == "CL") & (truth["volume_ul"] > 0)).sum()))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,10 +37,12 @@ from bids_cl.synth.lesions import (
     CL_TYPES,
     LESION_TYPES,
     SCALES,
+    STATUS_DISAPPEARED,
     WML_MIX,
     WML_TYPES,
     ImageTruth,
     Lesion,
+    PlannedLesion,
     image_truth,
     lesion_maps,
     place_lesions,
@@ -203,6 +205,11 @@ class ImagePhantom:
         return self.images[self.target]
 
     @property
+    def present_rows(self) -> list[dict]:
+        """Rows of the lesions in this image (the table also lists those that disappeared)."""
+        return [r for r in self.rows if r["status"] != STATUS_DISAPPEARED]
+
+    @property
     def cl_mask(self) -> np.ndarray:
         ids = [r["lesion_id"] for r in self.rows if r["label"] == "CL"]
         return np.isin(self.truth.dseg, ids)
@@ -231,8 +238,9 @@ def _count(rng: np.random.Generator, mean: float, cap: int) -> int:
 
 def lesion_plan(
     rng: np.random.Generator, participant: Participant, sessions: int, size: str
-) -> list[tuple[str, int, int | None]]:
-    """(type, onset session, enlarging session) for every lesion of a participant."""
+) -> list[PlannedLesion]:
+    """Type, onset session and course (enlarging, shrinking or disappearing session) of every
+    lesion of a participant."""
     if participant.lesion_free:
         return []
     scale = SCALES[size]
@@ -249,12 +257,38 @@ def lesion_plan(
     for label, onset in zip(labels, onsets, strict=True):
         mix = CL_MIX if label == "CL" else WML_MIX
         kind = list(mix)[int(rng.choice(len(mix), p=list(mix.values())))]
-        enlarge = None
-        later = list(range(onset + 1, sessions + 1))
-        if later and rng.random() < 0.3:
-            enlarge = int(rng.choice(later))
-        plan.append((kind, onset, enlarge))
+        plan.append(PlannedLesion(kind, onset, *_course(rng, onset, sessions)))
     return plan
+
+
+#: chance of each event in the course of a lesion that has later sessions (at most one event)
+P_ENLARGE, P_SHRINK, P_DISAPPEAR = 0.3, 0.15, 0.1
+
+
+def _course(
+    rng: np.random.Generator, onset: int, sessions: int
+) -> tuple[int | None, int | None, int | None]:
+    """(enlarge, shrink, disappear) session of one lesion: one uniform draw picks the event, and
+    the same draw, rescaled, the session of a shrink or a disappearance; only an enlargement draws
+    its session apart, as the generator always did, so datasets keep their lesions and enlargements
+    (a 1-session dataset draws nothing here)."""
+    later = list(range(onset + 1, sessions + 1))
+    if not later:
+        return None, None, None
+    u = float(rng.random())
+    if u < P_ENLARGE:
+        return int(rng.choice(later)), None, None
+
+    def pick(fraction: float) -> int:  # fraction uniform in [0, 1) -> a later session, uniformly
+        return later[min(len(later) - 1, int(fraction * len(later)))]
+
+    u -= P_ENLARGE
+    if u < P_SHRINK:
+        return None, pick(u / P_SHRINK), None
+    u -= P_SHRINK
+    if u < P_DISAPPEAR:
+        return None, None, pick(u / P_DISAPPEAR)
+    return None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +311,15 @@ def _table_rows(
     by_id = {les.lesion_id: les for les in lesions}
     voxel_ul = float(abs(np.linalg.det(affine[:3, :3])))
     rows = []
-    for lesion_id in truth.kept:
+    # a lesion that vanished since the previous session: a row of volume 0, no centroid
+    gone = [les.lesion_id for les in lesions if les.status_at(session) == STATUS_DISAPPEARED]
+    for lesion_id in sorted([*truth.kept, *gone]):
+        if lesion_id in gone:
+            les = by_id[lesion_id]
+            rows.append({"lesion_id": lesion_id, "type": les.type, "label": les.label,
+                         "volume_ul": 0.0, "centroid_x": None, "centroid_y": None,
+                         "centroid_z": None, "status": STATUS_DISAPPEARED})
+            continue
         ijk = np.argwhere(truth.dseg == lesion_id).astype(float)
         centre = voxel_centroid_world(affine, ijk.mean(axis=0, keepdims=True))[0]
         les = by_id[lesion_id]
@@ -575,7 +617,10 @@ _STATS_DICTIONARY = {
         "baseline": "present at the first session",
         "new": "absent at the previous session",
         "enlarging": "larger than at the previous session",
-        "stable": "unchanged since the previous session"}},
+        "stable": "unchanged since the previous session",
+        "shrinking": "smaller than at the previous session",
+        "disappeared": "present at the previous session, gone at this one (volume 0, no "
+                       "centroid; the row keeps the lesion's id)"}},
 }
 
 _README = """\
@@ -669,5 +714,5 @@ def write_dataset(
 __all__ = [
     "CL_TYPES", "WML_TYPES", "LESION_TYPES", "SynthOptions", "Participant", "ImagePhantom",
     "SubjectPhantom", "plan_participants", "simulate_subject", "write_subject", "draw_image",
-    "generate_dataset", "write_dataset", "lesion_plan",
+    "generate_dataset", "write_dataset", "lesion_plan", "PlannedLesion",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -57,6 +58,15 @@ WML_MIX = {"periventricular": 0.5, "deep_wm": 0.5}
 STATUS_BASELINE, STATUS_NEW, STATUS_ENLARGING, STATUS_STABLE = (
     "baseline", "new", "enlarging", "stable",
 )
+STATUS_SHRINKING, STATUS_DISAPPEARED = "shrinking", "disappeared"
+#: every status of the truth tables, in course order
+STATUSES = (STATUS_BASELINE, STATUS_NEW, STATUS_ENLARGING, STATUS_STABLE, STATUS_SHRINKING,
+            STATUS_DISAPPEARED)
+#: linear size factor of a shrinking lesion (volume x0.34-0.61)
+SHRINK_RANGE = (0.7, 0.85)
+#: a shrinking lesion keeps at least this many times ``LesionScale.min_voxels`` on the template grid
+#: at its shrunken size, so that it stays in every image (it shrinks, it does not vanish)
+SHRUNK_MIN_FACTOR = 3
 
 
 @dataclass(frozen=True)
@@ -101,24 +111,46 @@ class Lesion:
     enlarge_at: int | None = None
     growth: float = 1.0  # linear size factor from ``enlarge_at`` on
     target_ul: float = field(default=0.0, compare=False)
+    shrink_at: int | None = None
+    shrink: float = 1.0  # linear size factor from ``shrink_at`` on
+    disappear_at: int | None = None  # first session without the lesion
 
     @property
     def label(self) -> str:
         return LESION_TYPES[self.type]
 
+    @property
+    def sizes(self) -> tuple[float, ...]:
+        """Every linear size the lesion takes over its course (relative to onset), ascending."""
+        return tuple(sorted({1.0, self.growth, self.shrink}))
+
+    def present_at(self, session: int) -> bool:
+        """Whether the lesion exists at a session (after onset, before it disappears)."""
+        return session >= self.onset and (self.disappear_at is None or session < self.disappear_at)
+
     def scale_at(self, session: int) -> float | None:
-        """Linear size at a session relative to onset, None before onset."""
-        if session < self.onset:
+        """Linear size at a session relative to onset, None before onset and once disappeared."""
+        if not self.present_at(session):
             return None
         if self.enlarge_at is not None and session >= self.enlarge_at:
             return self.growth
+        if self.shrink_at is not None and session >= self.shrink_at:
+            return self.shrink
         return 1.0
 
-    def status_at(self, session: int) -> str:
+    def status_at(self, session: int) -> str | None:
+        """Course since the previous session; ``disappeared`` only at ``disappear_at``, None
+        before onset and after that."""
+        if session == self.disappear_at:
+            return STATUS_DISAPPEARED
+        if not self.present_at(session):
+            return None
         if session == self.onset:
             return STATUS_BASELINE if session == 1 else STATUS_NEW
         if self.enlarge_at == session:
             return STATUS_ENLARGING
+        if self.shrink_at == session:
+            return STATUS_SHRINKING
         return STATUS_STABLE
 
     def scaled_blobs(self, scale: float) -> list[Blob]:
@@ -309,17 +341,29 @@ def _constrained(anat: TemplateAnatomy, lesion_type: str, box, soft: np.ndarray)
     return largest_component((soft > 0.5) & allowed_tissue(codes, anat.labels[box]))
 
 
+class PlannedLesion(NamedTuple):
+    """One lesion of a participant's plan: its type and course (1-based sessions)."""
+
+    type: str
+    onset: int
+    enlarge_at: int | None = None
+    shrink_at: int | None = None
+    disappear_at: int | None = None
+
+
 def place_lesions(
     rng: np.random.Generator,
     anat: TemplateAnatomy,
     scale: LesionScale,
-    plan: Sequence[tuple[str, int, int | None]],
+    plan: Sequence[tuple],
     max_tries: int = 40,
 ) -> list[Lesion]:
-    """Place lesions of the given (type, onset session, enlarge session) plan in template space.
+    """Place the lesions of a plan (``PlannedLesion`` or (type, onset, enlarge session)) in
+    template space.
 
-    Each candidate is drawn at its final (largest) size, restricted to its tissue, checked against
-    its type's rule and volume range at onset and final size, and kept only if it stays
+    Each candidate is drawn at its largest size, restricted to its tissue, checked against its
+    type's rule and volume range at onset, its rule at every other size of its course (a shrinking
+    lesion also keeps ``SHRUNK_MIN_FACTOR`` x ``min_voxels``), and kept only if it stays
     ``margin_mm`` away from every lesion placed before. Ids follow the plan order (1..N); plans
     that find no room are dropped, so fewer lesions than planned may come back.
     """
@@ -328,7 +372,8 @@ def place_lesions(
     margin = max(1, int(round(scale.margin_mm / anat.resolution)))
     lesions: list[Lesion] = []
     voxel_ul = anat.resolution**3
-    for lesion_type, onset, enlarge_at in plan:
+    for entry in plan:
+        lesion_type, onset, enlarge_at, shrink_at, disappear_at = PlannedLesion(*entry)
         factor = scale.volume_factor_cl if LESION_TYPES[lesion_type] == "CL" else scale.volume_factor_wml
         vmin, vmax = (v * factor for v in VOLUME_RANGE_UL[lesion_type])
         candidates = pools.centres[lesion_type]
@@ -337,11 +382,14 @@ def place_lesions(
         for _ in range(max_tries):
             target = float(np.exp(rng.uniform(np.log(vmin), np.log(vmax))))
             growth = float(rng.uniform(1.2, 1.4)) if enlarge_at is not None else 1.0
+            # drawn only for shrinking lesions, so every other course draws what it drew before
+            shrink = float(rng.uniform(*SHRINK_RANGE)) if shrink_at is not None else 1.0
             centre = candidates[rng.integers(len(candidates))] + rng.uniform(-1.0, 1.0, 3)
             radius = (3.0 * target / _KEEP[lesion_type] / (4.0 * np.pi)) ** (1.0 / 3.0)
             elong = 0.35 if lesion_type in ("intracortical", "periventricular") else 0.2
             blobs = random_shape(rng, centre, radius, elong)
-            candidate = Lesion(0, lesion_type, blobs, onset, enlarge_at, growth, target)
+            candidate = Lesion(0, lesion_type, blobs, onset, enlarge_at, growth, target,
+                               shrink_at=shrink_at, shrink=shrink, disappear_at=disappear_at)
             ok, box, support = _check_candidate(anat, candidate, scale, vmin, vmax, voxel_ul)
             if not ok or (reserved[box] & support).any():
                 continue
@@ -357,13 +405,15 @@ def _check_candidate(anat, lesion: Lesion, scale: LesionScale, vmin, vmax, voxel
     """Tissue rule and volume of a candidate at onset and at final size (template grid)."""
     clearance = max(1, int(round(2.0 / anat.resolution)))
     final_support, final_box = None, None
-    for s in sorted({1.0, lesion.growth}):
+    for s in lesion.sizes:
         box, soft = rasterize(anat, lesion.scaled_blobs(s), scale.edge_mm, pad_mm=2.0 * scale.margin_mm)
         if soft.size == 0:
             return False, None, None
         mask = _constrained(anat, lesion.type, box, soft)
         vol = mask.sum() * voxel_ul
         if s == 1.0 and not (vmin <= vol <= 1.5 * vmax):
+            return False, None, None
+        if s < 1.0 and vol < SHRUNK_MIN_FACTOR * scale.min_voxels * voxel_ul:
             return False, None, None
         if not type_rules_hold(lesion.type, mask, anat.labels[box], anat.regions[box], clearance):
             return False, None, None

@@ -52,7 +52,7 @@ def contrast_table(subjects) -> dict[tuple[str, str], list[float]]:
     out: dict[tuple[str, str], list[float]] = {}
     for subject in subjects:
         for ph in subject.images:
-            for row in ph.rows:
+            for row in ph.present_rows:
                 value = lesion_contrast(ph.target_image, ph.truth.dseg, ph.labels,
                                         row["lesion_id"], ph.truth.fraction)
                 out.setdefault((ph.sequence, row["type"]), []).append(value)
