@@ -113,6 +113,10 @@ def test_raw_image_missing_falls_back_to_preproc(built: Derivatives) -> None:
     page = _html(built, "03")
     assert "skull-stripped image (sub-03_ses-02_desc-preproc_T1w.nii.gz)" in page
     assert "No lesion detected." in page
+    # No lesion, no median volume (the summary JSON writes 0): n/a, as in group_lesions.tsv.
+    summary = re.search(r'data-rows-key="summary">.*?</table>', page, re.S).group(0)
+    row = re.search(r'<tr><td>01</td>.*?</tr>', summary).group(0)
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", row)[-3:] == ["0.0", "n/a", "2"]
     assert 'data-rows-key="timings:sub-03_ses-01"' in page
     assert _lesion_rows(page, "sub-03_ses-01") == 0
 

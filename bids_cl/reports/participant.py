@@ -159,7 +159,8 @@ def _summary_section(label: str, targets: list[TargetOutputs], status: Any) -> s
                 "sequence": s.get("Sequence"), "field strength (T)": s.get("FieldStrength"),
                 "skull strip": s.get("SkullStripStrategy"), "model": model_name(s.get("Model")),
                 "lesions": s.get("LesionCount"), "total volume (µL)": s.get("TotalVolume_uL"),
-                "median volume (µL)": s.get("MedianVolume_uL"),
+                # The summary writes 0 without lesions; no lesion has no median (n/a, as the group's).
+                "median volume (µL)": s.get("MedianVolume_uL") if s.get("LesionCount") else None,
                 "warnings": len(_warnings(t)),
             })
         frame = pd.DataFrame(rows)
