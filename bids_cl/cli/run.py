@@ -110,6 +110,11 @@ def _plan(config: RunConfig) -> Discovery:
 
     check_output_locations(config.bids_dir, config.output_dir,
                            None if config.dry_run else config.work_dir)
+    if not config.dry_run:
+        from bids_cl.cli.workflow import check_creatable
+
+        check_creatable(config.output_dir, "output directory")
+        check_creatable(config.work_dir, "work directory")
     validation = validate_dataset(config.bids_dir, skip=config.skip_bids_validation)
     LOGGER.info("BIDS validation: %s", validation)
     layout = make_layout(config.bids_dir, config.bids_database_dir)

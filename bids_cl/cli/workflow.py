@@ -56,9 +56,6 @@ def resolve_run(config: RunConfig) -> tuple[ResolvedRun, dict[str, Any]]:
 
         check_templates(config.output_spaces)
     device = resolve_device(config.device).type
-    if device == "cpu" and config.device == "auto":
-        LOGGER.warning("No CUDA device found: segmenting on the CPU (slower; test-time "
-                       "augmentation off unless asked).")
     nprocs, omp_nthreads = effective_cpus(config.nprocs, config.omp_nthreads)
     resolved = ResolvedRun(device=device, nprocs=nprocs, omp_nthreads=omp_nthreads,
                            mem_mb=effective_mem_mb(config.mem_mb),
@@ -151,6 +148,9 @@ def run_participants(config: RunConfig, items: list[WorkItem], problems: list[Wo
     # Only now, with every check passed, does anything appear in the output: a refused run leaves none.
     make_output_dir(config.output_dir)
     resolved.apply_environment()
+    if resolved.device == "cpu" and config.device == "auto":
+        LOGGER.warning("No CUDA device found: segmenting on the CPU (slower; test-time mirroring off, "
+                       "as on every CPU run).")
 
     workflow = init_bids_cl_wf(config=config, resolved=resolved, items=items)
     try:
@@ -261,6 +261,19 @@ def lock_work_dir(work_dir: Path, participants: list[str]) -> list[Any]:
         handle.flush()
         handles.append(handle)
     return handles
+
+
+def check_creatable(path: Path, what: str) -> None:
+    """Exit 73 (one line) now, creating nothing, when ``path`` could not be created or written later."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BidsClError(f"cannot create the {what} {path}: {existing} is not a directory",
+                          EXIT_CANNOT_CREATE_OUTPUT)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BidsClError(f"cannot create the {what} {path}: {existing} is not writable",
+                          EXIT_CANNOT_CREATE_OUTPUT)
 
 
 def make_output_dir(path: Path) -> None:
