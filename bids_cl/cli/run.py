@@ -165,7 +165,7 @@ def _run_group(config: RunConfig) -> int:
 
     result = run_group_level(config.bids_dir, config.output_dir,
                              participant_labels=config.participant_label)
-    print(f"bids_cl group: {getattr(result, 'summary', result)}")
+    print(f"bids_cl group: {result.summary}")
     return EXIT_OK
 
 
