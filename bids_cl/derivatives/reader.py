@@ -238,3 +238,56 @@ def model_name(model: dict[str, Any]) -> str | None:
 def model_warning(model: dict[str, Any]) -> str | None:
     """The model's own warning (e.g. the demo model's) in a summary's ``Model`` provenance."""
     return str(model["warning"]) if model.get("warning") else None
+
+
+@dataclass
+class ChangeOutputs:
+    """The lesion change of one pair of sessions (earlier E -> later L) of one target line.
+
+    Found by its summary (written last); ``table``/``dseg`` exist unless the pair was refused.
+    """
+
+    participant: str
+    session: str | None      # L's session label
+    prefix: str              # L's prefix (every change file of the pair starts with it)
+    earlier_session: str     # E's session label (in the names: desc-changeFrom<label>)
+    anat_dir: Path
+    summary: dict[str, Any]
+
+    def path(self, key: str) -> Path:
+        """The file of change output ``key`` (``spec.CHANGE_KEYS``) of this pair."""
+        return self.anat_dir / spec.change_name(self.prefix, key, earlier=self.earlier_session)
+
+    @property
+    def earlier_prefix(self) -> str | None:
+        return self.summary.get("Earlier")
+
+    @property
+    def refused(self) -> str | None:
+        """Why no change was classified (no table, no map), or None."""
+        value = self.summary.get("Refused")
+        return str(value) if value else None
+
+    def table(self) -> pd.DataFrame:
+        """The change table; an empty frame with the contract columns when absent or empty."""
+        frame = read_tsv(self.path("change_table"), spec.CHANGE_COLUMNS)
+        return frame if len(frame.columns) else pd.DataFrame(columns=spec.CHANGE_COLUMNS)
+
+
+def collect_changes(out_dir: Path, participant: str) -> list[ChangeOutputs]:
+    """Every pair of sessions of one participant with a change summary, sorted by later session,
+    prefix, then earlier session."""
+    label = participant_label(participant)
+    sub_dir = Path(out_dir) / f"sub-{label}"
+    pattern = spec.change_glob("change_summary")
+    pairs = []
+    for path in list(sub_dir.glob(f"anat/{pattern}")) + list(sub_dir.glob(f"ses-*/anat/{pattern}")):
+        parsed = spec.parse_change_name(path.name, "change_summary")
+        summary = read_json(path)
+        if parsed is None or not isinstance(summary, dict):
+            continue
+        session = path.parent.parent.name[4:] if path.parent.parent.name.startswith("ses-") \
+            else None
+        pairs.append(ChangeOutputs(label, session, parsed[0], parsed[1], path.parent, summary))
+    pairs.sort(key=lambda c: (natural_key(c.session), c.prefix, natural_key(c.earlier_session)))
+    return pairs

@@ -2,7 +2,8 @@
 
     bids_cl-evaluate OUT_DIR --reference REF_DERIVATIVES [--label CL]
         [--criterion iou_adj|iou|non_zero] [--threshold 0.25] [--connectivity 26]
-        [--zero-division paper|strict] [--by COLUMN ...] [--bootstrap N] [--seed S] [-o EVAL_DIR]
+        [--zero-division paper|strict] [--by COLUMN ...] [--bootstrap N] [--seed S]
+        [--longitudinal] [-o EVAL_DIR]
 
 Pairs every native-space ``<prefix>_label-CL_mask.nii.gz`` of OUT_DIR with the reference
 ``<prefix>_label-<label>_mask.nii.gz`` of REF_DERIVATIVES and writes the tables and an HTML summary
@@ -20,6 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from bids_cl import __version__
+from bids_cl.derivatives import spec
+from bids_cl.derivatives.reader import collect_changes, output_participants
 from bids_cl.errors import (
     EXIT_CANNOT_CREATE_OUTPUT,
     EXIT_MISSING_INPUT,
@@ -35,6 +38,9 @@ from bids_cl.evaluation.aggregate import (
     summarise_by,
 )
 from bids_cl.evaluation.evaluate import NA, EvaluationSettings, evaluate_pair
+from bids_cl.evaluation.longitudinal import CONVENTIONS as LONGITUDINAL_CONVENTIONS
+from bids_cl.evaluation.longitudinal import evaluate_longitudinal, summarise_pairs
+from bids_cl.evaluation.longitudinal import tables_of as longitudinal_tables
 from bids_cl.evaluation.metrics import (
     CRITERIA,
     DEFAULT_CRITERION,
@@ -57,6 +63,7 @@ from bids_cl.utils.components import CONNECTIVITIES, DEFAULT_CONNECTIVITY
 PROG = "bids_cl-evaluate"
 # Image-level columns that --by may name besides the participants.tsv columns.
 IMAGE_GROUP_COLUMNS = ("participant_id", "session", "acquisition", "field_strength", "sequence")
+LONGITUDINAL_DIR = "longitudinal"
 TSV_OPTIONS = {"sep": "\t", "index": False, "na_rep": NA, "float_format": "%.6g"}
 
 
@@ -91,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="UL", help="lesion-size bin edges in µL (default 10 25 50 100 250)")
     parser.add_argument("--ndsc-r", type=float, default=DEFAULT_NDSC_R,
                         help="reference lesion load r of the normalised Dice (default 0.001)")
+    parser.add_argument("--longitudinal", action="store_true",
+                        help="also evaluate the lesion change between sessions (new-lesion "
+                             "detection, confusion of change classes) in EVAL_DIR/longitudinal")
     parser.add_argument("-o", "--output-dir", type=Path, default=None, metavar="EVAL_DIR",
                         help="where to write the results (default OUT_DIR/evaluation)")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -151,6 +161,11 @@ def run(args: argparse.Namespace) -> int:
         )
     references = find_references(args.reference, args.label)
     pairs, missing, warnings = pair_masks(predictions, references)
+    if args.longitudinal and not any(collect_changes(args.out_dir, p)
+                                     for p in output_participants(args.out_dir)):
+        raise BidsClError(
+            f"--longitudinal: no lesion change outputs (*{spec.change_glob('change_summary')[1:]}) "
+            f"under {args.out_dir}", EXIT_MISSING_INPUT)
 
     participants = read_participants(find_participants_tsv(args.reference))
     available = set(IMAGE_GROUP_COLUMNS) | set(participants.columns if participants is not None else ())
@@ -248,8 +263,46 @@ def run(args: argparse.Namespace) -> int:
         wide = key.pivot_table(index=["by", "group"], columns="metric", values="mean", sort=False)
         print("\nMean by group:")
         print(wide.round(3).to_string())
+    if args.longitudinal:
+        run_longitudinal(args, eval_dir, settings)
     print(f"\nResults in {eval_dir}")
     return EXIT_OK
+
+
+def run_longitudinal(args: argparse.Namespace, eval_dir: Path, settings: EvaluationSettings) -> None:
+    """The longitudinal mode: EVAL_DIR/longitudinal/{pairs,aggregate,confusion,lesions}.tsv and
+    settings.json (the conventions, docs/evaluation.md)."""
+    results, found, warnings = evaluate_longitudinal(args.out_dir, args.reference, settings)
+    for warning in warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    folder = eval_dir / LONGITUDINAL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs, confusion, lesions = longitudinal_tables(results)
+    aggregate = summarise_pairs(pairs, n_boot=args.bootstrap, seed=args.seed,
+                                zero_division=args.zero_division)
+    write_tsv(pairs, folder / "pairs.tsv")
+    write_tsv(aggregate, folder / "aggregate.tsv")
+    write_tsv(confusion, folder / "confusion.tsv")
+    write_tsv(lesions, folder / "lesions.tsv")
+    refused = int(pairs["refused"].notna().sum()) if len(pairs) else 0
+    record = {
+        "GeneratedBy": {"Name": PROG, "Version": __version__},
+        "OutputDir": str(args.out_dir.resolve()), "Reference": str(args.reference.resolve()),
+        "Criterion": args.criterion, "Threshold": args.threshold,
+        "Connectivity": args.connectivity, "ZeroDivision": args.zero_division,
+        "ZeroDivisionRule": ZERO_DIVISION_RULES[args.zero_division],
+        "Bootstrap": args.bootstrap, "Seed": args.seed,
+        "PairsFound": found, "PairsEvaluated": len(results), "PairsRefused": refused,
+        "Conventions": LONGITUDINAL_CONVENTIONS, "Warnings": warnings,
+    }
+    (folder / "settings.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nLongitudinal: {len(results)} pair(s) of sessions evaluated ({refused} refused, "
+          f"left out), {found} found")
+    if len(aggregate):
+        print(aggregate[["metric", "n_pairs", "mean", "pooled", "pooled_ci_low", "pooled_ci_high"]]
+              .round(3).to_string(index=False))
+    print("Change classes (rows: truth, columns: predicted):")
+    print(confusion.to_string(index=False))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -53,6 +53,11 @@ def _masks_by_prefix(root: Path, suffix: str, skip: Path | None = None) -> dict[
     return found
 
 
+def find_by_suffix(root: Path, suffix: str) -> dict[str, list[Path]]:
+    """Native-space files ``<prefix><suffix>`` under root (e.g. truth dsegs and tables), by prefix."""
+    return _masks_by_prefix(root, suffix)
+
+
 def find_predictions(out_dir: Path, skip: Path | None = None) -> dict[str, list[Path]]:
     """Predicted native-space CL masks of a bids_cl output folder, by prefix (`skip` excluded)."""
     return _masks_by_prefix(out_dir, PREDICTION_SUFFIX, skip)
