@@ -26,6 +26,7 @@ ANALYSIS_LEVELS = ("participant", "group")
 SKULL_STRIP_CHOICES = STRATEGIES  # one list, owned by the skull-stripping code
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
 CONNECTIVITY_CHOICES = (6, 18, 26)
+LONGITUDINAL_CHOICES = ("auto", "off")
 
 
 def _new_run_uuid() -> str:
@@ -73,6 +74,9 @@ class RunConfig:
     skull_strip: str = "auto"
     synthstrip_model: Path | None = None
     output_spaces: list[str] = field(default_factory=lambda: list(DEFAULT_OUTPUT_SPACES))
+    # longitudinal lesion change (docs/longitudinal.md)
+    longitudinal: str = "auto"  # auto: pairs of sessions when a participant has several; off: none
+    change_rules: dict[str, float] = field(default_factory=dict)  # ChangeRules fields given by the user
     # bookkeeping
     run_uuid: str = field(default_factory=_new_run_uuid)
     version: str = ""

@@ -17,6 +17,7 @@ from bids_cl.config import (
     CONNECTIVITY_CHOICES,
     DEFAULT_OUTPUT_SPACES,
     DEVICE_CHOICES,
+    LONGITUDINAL_CHOICES,
     SKULL_STRIP_CHOICES,
     RunConfig,
     coerce_field,
@@ -44,6 +45,25 @@ def _min_size(text: str) -> str:
 
     parse_min_lesion_size(text)  # validates; the config keeps the user's text
     return text
+
+
+def _change_rule_names() -> list[str]:
+    import dataclasses
+
+    from bids_cl.longitudinal.change import ChangeRules
+
+    return [f.name for f in dataclasses.fields(ChangeRules)]
+
+
+def _change_rule(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    if not sep or key not in _change_rule_names():
+        raise argparse.ArgumentTypeError(f"{text!r} is not RULE=VALUE with RULE one of "
+                                         + ", ".join(_change_rule_names()))
+    try:
+        return key, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key} needs a number, not {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="template spaces for lesion maps ('native' or nothing = native only); "
                    "TemplateFlow names, e.g. MNI152NLin2009cAsym (prefetch with "
                    "bids_cl-fetch-templates)")
+
+    g = parser.add_argument_group("Longitudinal lesion change (docs/longitudinal.md)")
+    g.add_argument("--longitudinal", choices=LONGITUDINAL_CHOICES, default="auto",
+                   help="auto: when a participant has several sessions of one target line, classify "
+                   "each lesion as new, enlarging, stable, shrinking or disappeared between sessions; "
+                   "off: sessions only")
+    g.add_argument("--change-rules", nargs="+", type=_change_rule, metavar="RULE=VALUE",
+                   help="change thresholds other than the defaults, e.g. enlarge_relative=0.3 "
+                   "min_change_ul=5 (rules: " + ", ".join(_change_rule_names()) + ")")
     return parser
 
 
@@ -211,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "skull_strip": args.skull_strip,
         "synthstrip_model": args.synthstrip_model,
         "output_spaces": [s for s in (args.output_spaces or []) if s not in ("native", "T1w")],
+        "longitudinal": args.longitudinal,
+        "change_rules": dict(args.change_rules or []),
     }
     # The command line wins over --config-file for every option it gives, in any spelling.
     values.update({k: coerce_field(k, v)
@@ -221,6 +252,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         values["plugin"], values["plugin_args"] = load_plugin_file(values["use_plugin"])
     if values["synthstrip_model"] is not None and not values["synthstrip_model"].is_file():
         raise BidsClError(f"--synthstrip-model {values['synthstrip_model']} does not exist", EXIT_USAGE)
+    if values["change_rules"]:
+        from bids_cl.longitudinal.change import ChangeRules
+
+        try:
+            ChangeRules(**values["change_rules"])
+        except ValueError as exc:
+            raise BidsClError(f"--change-rules: {exc}", EXIT_USAGE) from None
     if values["folds"] is not None and any(f < 0 for f in values["folds"]):
         raise BidsClError("--folds must be non-negative fold numbers", EXIT_USAGE)
     return RunConfig(bids_dir=bids_dir, output_dir=args.output_dir.expanduser().resolve(),

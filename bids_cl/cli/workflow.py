@@ -206,6 +206,8 @@ def run_participants(config: RunConfig, items: list[WorkItem], problems: list[Wo
                                     record.exit_code, crash_files)
             failures.append((item, record.reason or "", record.exit_code))
 
+    failures.extend(_change_outcomes(config, items, problems, outcomes, log_dirs))
+
     for participant, log_dir in log_dirs.items():
         writer.write_timings(log_dir, {i.prefix: outcomes[i.prefix].timings for i in items
                                        if i.participant == participant and outcomes[i.prefix].ok})
@@ -228,6 +230,53 @@ def run_participants(config: RunConfig, items: list[WorkItem], problems: list[Wo
               f"[log: {log_dirs[item.participant]}]", file=sys.stderr)
     codes = {code for _, _, code in failures}
     return codes.pop() if len(codes) == 1 else EXIT_FAILURE
+
+
+def _change_outcomes(config: RunConfig, items: list[WorkItem], problems: list[Any],
+                     outcomes: dict[str, TargetRecord], log_dirs: dict[str, Path]
+                     ) -> list[tuple[Any, str, int]]:
+    """Report the lesion change pairs (docs/longitudinal.md): ok -> one stdout line; a session that
+    cannot be paired, a pair with a failed session or a refused alignment -> a warning (the sessions'
+    own outputs are complete); a pair that failed by itself -> a failure with its exit code."""
+    from types import SimpleNamespace
+
+    from bids_cl.derivatives.records import STATUS_REFUSED
+    from bids_cl.longitudinal.pairs import plan_pairs
+    from bids_cl.workflows.longitudinal import pair_record_file
+
+    if config.longitudinal != "auto":
+        return []
+    pairs, warnings = plan_pairs(items, problems)
+    for line in warnings:
+        LOGGER.warning(line)
+    failures: list[tuple[Any, str, int]] = []
+    for pair in pairs:
+        failed = [i.prefix for i in (pair.earlier, pair.later) if not outcomes[i.prefix].ok]
+        if failed:
+            LOGGER.warning("%s: no lesion change computed: %s failed", pair.name, " and ".join(failed))
+            continue
+        path = pair_record_file(config, pair)
+        try:
+            record = TargetRecord.read(path)
+        except (OSError, ValueError):
+            record = TargetRecord(prefix=pair.name, status=STATUS_FAILED, exit_code=EXIT_FAILURE,
+                                  reason="the lesion change step stopped before it finished (no record; "
+                                  "see the Nipype crash files)")
+        if record.status == STATUS_REFUSED:
+            LOGGER.warning("%s: %s", pair.name, record.reason)
+        elif record.ok:
+            summary = json.loads((config.output_dir / pair.later.anat_dir / spec.change_name(
+                pair.later.prefix, "change_summary", earlier=str(pair.earlier.session))).read_text())
+            print(f"{pair.later.prefix}: since ses-{pair.earlier.session}: {summary['New']} new, "
+                  f"{summary['Enlarging']} enlarging, {summary['Stable']} stable, {summary['Shrinking']} "
+                  f"shrinking, {summary['Disappeared']} disappeared lesion(s)", file=sys.stdout)
+        else:
+            log_dir = log_dirs[pair.later.participant]
+            crash_files = sorted(str(p) for p in (log_dir / spec.NIPYPE_CRASH_DIR).glob("crash-*"))
+            writer.write_crash_note(log_dir, pair.name, record.reason or "", record.exit_code, crash_files)
+            failures.append((SimpleNamespace(prefix=pair.name, participant=pair.later.participant),
+                             record.reason or "", record.exit_code))
+    return failures
 
 
 def lock_work_dir(work_dir: Path, participants: list[str]) -> list[Any]:

@@ -104,8 +104,22 @@ class SegmentationRecord(_Record):
         return [w for w in [self.ood_warning] if w] + list(self.warnings)
 
 
+@dataclass(frozen=True)
+class AlignmentRecord(_Record):
+    """The rigid alignment of two sessions (bids_cl.longitudinal.align), from the aligning node to the
+    change node: ``before_to_after`` maps earlier scanner (RAS mm) points to the later session's."""
+
+    before_to_after: list[list[float]]
+    quality: float                   # correlation inside both brains, halfway space
+    quality_unaligned: float         # the same without alignment (identity)
+    method: str
+    seed: int
+    seconds: float = 0.0             # kept out of the derivatives
+
+
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
+STATUS_REFUSED = "refused"           # a change pair whose alignment was too poor to classify change
 
 
 @dataclass(frozen=True)

@@ -326,3 +326,46 @@ def write_crash_note(log_dir: Path, prefix: str, reason: str, code: int, crash_f
 def write_timings(log_dir: Path, timings: dict[str, dict[str, float]]) -> Path:
     """Per-target stage timings of this run (kept out of the derivatives: they differ per run)."""
     return atomic_write_json(Path(log_dir) / spec.TIMINGS_NAME, timings)
+
+
+def write_change_derivatives(output_dir: Path, later: WorkItem, earlier_session: str, *,
+                             table: pd.DataFrame | None, dseg: nib.Nifti1Image | None,
+                             summary: dict[str, Any], sources: list[str]) -> list[Path]:
+    """Write the lesion change of one pair of sessions in the later session's folder; returns the paths.
+
+    ``table`` (``spec.CHANGE_COLUMNS``) and ``dseg`` (uint8 change classes on the later grid) are None
+    when the alignment was refused: then only the summary is written, and a table or map of an earlier
+    run is removed (never a stale change table next to a refusal). The summary is written last.
+    """
+    folder = Path(output_dir) / later.anat_dir
+
+    def path_of(key: str) -> Path:
+        return folder / spec.change_name(later.prefix, key, earlier=earlier_session)
+
+    written: list[Path] = []
+    if table is None or dseg is None:
+        for key in ("change_table", "change_dseg"):
+            for stale in (path_of(key), _sidecar(path_of(key))):
+                stale.unlink(missing_ok=True)
+    else:
+        path = path_of("change_table")
+        out = table[spec.CHANGE_COLUMNS].copy()
+        out["probability_rescued"] = out["probability_rescued"].map({True: "true", False: "false"})
+        written.append(atomic_write_text(path, out.to_csv(sep="\t", index=False, na_rep="n/a",
+                                                          float_format="%.6g")))
+        written.append(atomic_write_json(_sidecar(path), {c: spec.CHANGE_TABLE_DICTIONARY[c]
+                                                          for c in spec.CHANGE_COLUMNS}))
+        path = path_of("change_dseg")
+        data = np.asarray(dseg.dataobj).astype(np.uint8)
+        header = dseg.header.copy()
+        header.set_data_dtype(np.uint8)
+        written.append(atomic_save_nifti(nib.Nifti1Image(data, dseg.affine, header), path))
+        written.append(atomic_write_json(_sidecar(path), {
+            "Description": OUTPUTS["change_dseg"].description,
+            "Sources": sources,
+            "Labels": {str(code): name for name, code in spec.CHANGE_CODES.items()},
+        }))
+    values = {**summary, "GeneratedBy": {"Name": PIPELINE_NAME, "Version": __version__}}
+    ordered = {key: values.get(key) for key in spec.CHANGE_SUMMARY_FIELDS}
+    written.append(atomic_write_json(path_of("change_summary"), ordered))
+    return written

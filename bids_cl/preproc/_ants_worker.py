@@ -209,9 +209,31 @@ def task_brain_mask(*, head: str, template: str, template_mask: str, out_mask: s
     return {"stages": {k: round(v, 2) for k, v in stages.items()}, "work_mm": work_mm}
 
 
+def task_rigid(*, fixed: str, moving: str, out_prefix: str, seed: int, sloppy: bool) -> dict[str, Any]:
+    """Rigid (6 dof) registration of ``moving`` to ``fixed`` (two sessions of one participant).
+
+    Returns the ITK transform's parameters (LPS; it maps *fixed* points to *moving* points): a 3x3
+    matrix (row-major), a translation and the centre of rotation. Used by bids_cl.longitudinal.align.
+    """
+    import ants
+
+    fix, mov = _read(fixed), _read(moving)
+    if sloppy:
+        fix = ants.resample_image(fix, (SLOPPY_MM,) * 3, use_voxels=False, interp_type=0)
+        mov = ants.resample_image(mov, (SLOPPY_MM,) * 3, use_voxels=False, interp_type=0)
+    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
+    reg = _registration(fix, mov, type_of_transform="Rigid", outprefix=out_prefix, seed=seed)
+    fwd = reg["fwdtransforms"]
+    transform = ants.read_transform(fwd if isinstance(fwd, str) else fwd[0])
+    return {"parameters": [float(v) for v in transform.parameters],
+            "fixed_parameters": [float(v) for v in transform.fixed_parameters],
+            "transform_type": str(transform.transform_type)}
+
+
 TASKS: dict[str, Callable[..., dict[str, Any]]] = {
     "register": task_register,
     "brain_mask": task_brain_mask,
+    "rigid": task_rigid,
 }
 
 

@@ -91,15 +91,34 @@ def init_single_subject_wf(*, config: RunConfig, resolved: ResolvedRun, particip
     workflow.__desc__ = ("Each session and each T1-weighted image was processed separately (MS data "
                          "are longitudinal: sessions are never averaged).")
     crash_dir = nipype_crash_dir(config, participant)
+
+    def set_crash_dir(sub_wf: pe.Workflow) -> None:
+        # Node settings win over the workflow's at run time (Nipype merges them per node), so the
+        # crash folder must be set on every node, not on this sub-workflow.
+        for node_name in sub_wf.list_node_names():
+            node = sub_wf.get_node(node_name)
+            node.config = {"execution": {"crashdump_dir": str(crash_dir)}}
+
+    target_wfs: dict[str, pe.Workflow] = {}
     for item in items:
         target_wf = init_target_wf(config=config, resolved=resolved, item=item,
                                    name=f"target_{_safe_name(item.prefix)}_wf")
-        # Node settings win over the workflow's at run time (Nipype merges them per node), so the
-        # crash folder must be set on every node, not on this sub-workflow.
-        for node_name in target_wf.list_node_names():
-            node = target_wf.get_node(node_name)
-            node.config = {"execution": {"crashdump_dir": str(crash_dir)}}
+        set_crash_dir(target_wf)
         workflow.add_nodes([target_wf])
+        target_wfs[item.prefix] = target_wf
+    if config.longitudinal == "auto":
+        # Lesion change between sessions of one target line (unpairable sessions: the runner warns).
+        from bids_cl.longitudinal.pairs import plan_pairs
+        from bids_cl.workflows.longitudinal import SESSION_FIELDS, init_longitudinal_wf
+
+        for pair in plan_pairs(items)[0]:
+            pair_wf = init_longitudinal_wf(config=config, resolved=resolved, pair=pair,
+                                           name=f"change_{_safe_name(pair.name)}_wf")
+            set_crash_dir(pair_wf)
+            for side, item in (("before", pair.earlier), ("after", pair.later)):
+                for f in SESSION_FIELDS:
+                    workflow.connect(target_wfs[item.prefix], f"outputnode.{f}",
+                                     pair_wf, f"inputnode.{side}_{f}")
     return workflow
 
 
@@ -122,7 +141,8 @@ def init_target_wf(*, config: RunConfig, resolved: ResolvedRun, item: WorkItem,
     """Skull strip -> segment (native space) -> optional template registration -> derivatives.
 
     Inputs: ``t1w`` (the target image), ``inv2`` (MP2RAGE second inversion, optional).
-    Outputs: ``summary`` (the per-image summary JSON in the derivatives).
+    Outputs: ``summary`` (the per-image summary JSON in the derivatives); ``brain``, ``brain_mask``,
+    ``lesion_mask``, ``probseg`` (the stage outputs the lesion change between sessions reads).
     """
     workflow = pe.Workflow(name=name)
     tta = "off" if config.disable_tta else ("on" if resolved.device == "cuda" else "off (CPU default)")
@@ -141,7 +161,8 @@ def init_target_wf(*, config: RunConfig, resolved: ResolvedRun, item: WorkItem,
     inputnode.inputs.t1w = item.target
     if item.inv2:
         inputnode.inputs.inv2 = item.inv2
-    outputnode = pe.Node(IdentityInterface(fields=["summary"]), name="outputnode")
+    outputnode = pe.Node(IdentityInterface(fields=["summary", "brain", "brain_mask", "lesion_mask",
+                                                   "probseg"]), name="outputnode")
 
     skullstrip = pe.Node(
         SkullStrip(strategy=config.skull_strip, is_mp2rage=item.sequence == "MP2RAGE",
@@ -171,6 +192,9 @@ def init_target_wf(*, config: RunConfig, resolved: ResolvedRun, item: WorkItem,
         (segment, datasink, [("out_probseg", "probseg"), ("out_mask", "lesion_mask"),
                              ("out_lesions", "lesions"), ("out_info", "segment_info")]),
         (datasink, outputnode, [("out_summary", "summary")]),
+        # for the lesion change between sessions (workflows/longitudinal.py)
+        (skullstrip, outputnode, [("out_brain", "brain"), ("out_mask", "brain_mask")]),
+        (segment, outputnode, [("out_mask", "lesion_mask"), ("out_probseg", "probseg")]),
     ])
     if item.inv2:
         workflow.connect([(inputnode, skullstrip, [("inv2", "inv2_file")])])
