@@ -15,6 +15,9 @@ STAT_DIGITS = {"mean": 2, "sd": 2, "median": 2, "q1": 2, "q3": 2, "min": 2, "max
                "field_strength": 1, "total_volume_ul_from": 1, "total_volume_ul_to": 1,
                "total_volume_ul_delta": 1, "total_volume_ul_pct_change": 1}
 
+CHANGE_DIGITS = {"net_volume_change_ul": 1, "alignment_quality": 3, "years": 2,
+                 "new_cl_per_year": 2}
+
 # In the TSV, not on the page: constant per run or shown in the overview already.
 HIDDEN_IMAGE_COLUMNS = ("model_version", "model_warning", "threshold", "connectivity",
                         "min_lesion_size", "min_lesion_size_voxels", "spaces", "n_warnings",
@@ -69,7 +72,7 @@ def render_group_html(*, out_dir: Path, table: pd.DataFrame, lesions: pd.DataFra
                       correlations: pd.DataFrame, longitudinal: pd.DataFrame,
                       figures: dict[str, Any], frequency: list[tuple[Any, Any]],
                       files: dict[str, Path], categorical: list[str], numeric: list[str],
-                      warnings: list[str]) -> str:
+                      warnings: list[str], changes: pd.DataFrame | None = None) -> str:
     counts = status["status"].value_counts()
     n_ok = int(counts.get("ok", 0))
     n_partial = int(counts.get("partial", 0))
@@ -137,6 +140,17 @@ def render_group_html(*, out_dir: Path, table: pd.DataFrame, lesions: pd.DataFra
                  if not longitudinal.empty else
                  '<p class="note">No participant with two or more sessions.</p>')
     parts.append("</section>")
+    if changes is not None and not changes.empty:
+        parts += ['<section id="changes"><h2>New and enlarging lesions</h2>',
+                  f'<p class="note">{esc(files["change"].name)}: one row per participant and pair '
+                  "of sessions (consecutive, and baseline to last with three or more), from the "
+                  "lesion-level change outputs; <code>new_cl_per_year</code> divides the new "
+                  "lesions by the years between the visits' <code>acq_time</code> in "
+                  "<code>sessions.tsv</code> (n/a without both dates). A refused pair (poor "
+                  "alignment) has its reason and no counts.</p>",
+                  table_html(changes, rows_key="changes", digits=CHANGE_DIGITS,
+                             cell_html={"participant_id": _report_link(out_dir)}),
+                  "</section>"]
 
     parts.append('<section id="plots"><h2>Plots</h2>')
     if "distributions" in figures:
@@ -186,7 +200,8 @@ def render_group_html(*, out_dir: Path, table: pd.DataFrame, lesions: pd.DataFra
               f"<code>{esc(files['status'].name)}</code>.</p></section>"]
 
     nav = [("overview", "Overview"), ("participants", "Participants"), ("images", "Images"),
-           ("statistics", "Statistics"), ("plots", "Plots"), ("frequency", "Frequency map"),
-           ("files", "Files")]
+           ("statistics", "Statistics"),
+           *([("changes", "New lesions")] if changes is not None and not changes.empty else []),
+           ("plots", "Plots"), ("frequency", "Frequency map"), ("files", "Files")]
     meta = f"bids_cl {esc(__version__)} &middot; group report generated {esc(now_iso())}"
     return page("bids_cl: group report", "\n".join(parts), nav=nav, meta=meta)

@@ -19,6 +19,7 @@ import pandas as pd
 
 from bids_cl.group import frequency as freqmod
 from bids_cl.group import plots
+from bids_cl.group.changes import CHANGE_COLUMNS, CHANGE_MEASURES, change_table, with_change_columns
 from bids_cl.group.page import render_group_html
 from bids_cl.group.stats import (
     classify_columns,
@@ -49,6 +50,8 @@ FILES = {
     "descriptive": "group_desc-descriptive_stats.tsv",
     "correlations": "group_desc-correlations_stats.tsv",
     "longitudinal": "group_desc-longitudinal_stats.tsv",
+    "change": "group_desc-change_stats.tsv",
+    "change_json": "group_desc-change_stats.json",
     "html": "group.html",
 }
 FIGURE_DIR = "figures"
@@ -70,6 +73,8 @@ class GroupResult:
     figures: list[Path] = field(default_factory=list)
     frequency_maps: dict[str, Path] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # group_desc-change_stats.tsv: lesion change per participant and pair of sessions
+    changes: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def participants_with(self, status: str) -> list[str]:
         return self.status.loc[self.status["status"] == status, "participant_id"].tolist()
@@ -129,7 +134,11 @@ def run_group_level(bids_dir: str | Path | None, out_dir: str | Path, *,
                        if table[c].dropna().nunique() > 0]
     descriptive = descriptive_stats(table, [*image_groupings, *categorical])
     correlations = correlation_stats(table, numeric)
-    longitudinal = longitudinal_changes(table)
+    changes = change_table(out_dir, labels, bids_path)
+    longitudinal = with_change_columns(longitudinal_changes(table), changes)
+    if not changes.empty:  # one observation per pair of sessions
+        descriptive = pd.concat([descriptive, descriptive_stats(
+            changes, ["session_to"], measures=CHANGE_MEASURES)], ignore_index=True)
 
     files = {key: out_dir / name for key, name in FILES.items()}
     write_tsv(table, files["images"])
@@ -141,6 +150,8 @@ def run_group_level(bids_dir: str | Path | None, out_dir: str | Path, *,
     write_tsv(descriptive, files["descriptive"])
     write_tsv(correlations, files["correlations"])
     write_tsv(longitudinal, files["longitudinal"])
+    write_tsv(changes, files["change"])
+    atomic_write_json(files["change_json"], data_dictionary(changes.columns, CHANGE_COLUMNS))
 
     # Plots: each in its own try, a plot is never worth the group outputs.
     fig_dir = out_dir / FIGURE_DIR
@@ -189,10 +200,10 @@ def run_group_level(bids_dir: str | Path | None, out_dir: str | Path, *,
         out_dir=out_dir, table=table, lesions=lesions, status=status, descriptive=descriptive,
         correlations=correlations, longitudinal=longitudinal, figures=figures,
         frequency=frequency_info, files=files, categorical=categorical, numeric=numeric,
-        warnings=warnings)
+        warnings=warnings, changes=changes)
     atomic_write_text(files["html"], html)
     LOGGER.info("group level: %d image(s) of %d participant(s); %d failed, %d missing",
                 len(table), len(labels), (status["status"] == "failed").sum(),
                 (status["status"] == "missing").sum())
     return GroupResult(out_dir, files["html"], table, lesions, status, descriptive, correlations,
-                       longitudinal, files, all_figures, frequency_maps, warnings)
+                       longitudinal, files, all_figures, frequency_maps, warnings, changes=changes)
