@@ -75,10 +75,16 @@ COPY scripts/install.sh scripts/container-build-env.sh /opt/bids_cl-src/scripts/
 COPY bids_cl /opt/bids_cl-src/bids_cl
 
 # The ca_bundle secret is read by scripts/container-build-env.sh and never stored in a layer.
+# Trimmed in the same layer (docs/hpc.md, "Image size"): static libraries (*.a, only for linking
+# at build time; ~170 MB, most of it CUDA's and Triton's) and the packages' own test suites
+# (~250 MB; nilearn's kept: one of its modules imports them).
 RUN --mount=type=secret,id=ca_bundle \
     sh /opt/bids_cl-src/scripts/container-build-env.sh \
         bash /opt/bids_cl-src/scripts/install.sh --venv /opt/venv \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log /root/.cache \
+    && find /opt/venv -name '*.a' -type f -delete \
+    && find /opt/venv/lib/python3*/site-packages -depth -type d -name tests \
+        -not -path '*/site-packages/nilearn/*' -exec rm -rf {} + \
     && /opt/venv/bin/python -m compileall -q /opt/bids_cl-src/bids_cl
 
 # SynthStrip's weights where FreeSurfer keeps them; bids_cl looks for
