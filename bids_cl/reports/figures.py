@@ -73,11 +73,16 @@ def load_canonical(img: Any) -> nib.Nifti1Image:
 
 
 def resample_like(img: nib.Nifti1Image, ref: nib.Nifti1Image, *,
-                  order: int = 1) -> nib.Nifti1Image:
-    """``img`` on ``ref``'s grid (only used when a background and a mask disagree)."""
-    if img.shape[:3] == ref.shape[:3] and np.allclose(img.affine, ref.affine, atol=1e-3):
+                  order: int = 1, world: np.ndarray | None = None) -> nib.Nifti1Image:
+    """``img`` on ``ref``'s grid (when a background and a mask disagree, or another session).
+
+    ``world`` (4x4) maps a point of ``ref``'s scanner space to the same anatomy in ``img``'s (e.g. the
+    inverse of an earlier -> later session alignment); identity when None.
+    """
+    if world is None and img.shape[:3] == ref.shape[:3] and np.allclose(img.affine, ref.affine,
+                                                                        atol=1e-3):
         return img
-    vox = np.linalg.inv(img.affine) @ ref.affine
+    vox = np.linalg.inv(img.affine) @ (np.eye(4) if world is None else world) @ ref.affine
     data = ndimage.affine_transform(np.asarray(img.dataobj, dtype=np.float32), vox[:3, :3],
                                     offset=vox[:3, 3], output_shape=ref.shape[:3], order=order,
                                     mode="constant", cval=0.0)
@@ -387,3 +392,108 @@ def _fmt(value: Any, digits: int) -> str:
     except (TypeError, ValueError):
         return "n/a"
     return "n/a" if not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+# ------------------------------------------------------------------------------- change between sessions
+EARLIER_LESION_COLOR = "#3ec1ff"
+
+
+@dataclass
+class ChangeCrop:
+    """Crops (canonical orientation of the later session) around one new or enlarging lesion."""
+
+    row: pd.Series
+    later: np.ndarray          # later background
+    earlier: np.ndarray        # earlier background, aligned onto the later grid
+    lesion: np.ndarray         # this later lesion
+    others: np.ndarray         # other later lesions
+    earlier_lesions: np.ndarray  # the earlier session's lesions, aligned
+    zooms: np.ndarray
+
+
+def change_crops(earlier_background: Any, later_background: Any, change_dseg: Any,
+                 lesions: pd.DataFrame, before_to_after: np.ndarray, *,
+                 earlier_mask: Any | None = None, connectivity: int = 26,
+                 half_width_mm: float = 15.0) -> list[ChangeCrop]:
+    """Crops of both sessions around each row's later lesion (found as in :func:`lesion_crops`).
+
+    Everything is drawn on the later session's grid (the change map's, RAS-reoriented); the earlier
+    images are resampled through the inverse of ``before_to_after`` (earlier -> later scanner mm).
+    """
+    raw = change_dseg if isinstance(change_dseg, nib.spatialimages.SpatialImage) \
+        else nib.load(str(change_dseg))
+    grid = load_canonical(raw)
+    codes = np.rint(np.asarray(grid.dataobj)).astype(np.int16)
+    later_mask = (codes >= 1) & (codes <= 4)  # lesions of the later session (5: disappeared)
+    after_to_before = np.linalg.inv(np.asarray(before_to_after, dtype=float))
+    later_bg = np.asarray(resample_like(load_canonical(later_background), grid).dataobj, np.float32)
+    earlier_bg = np.asarray(resample_like(load_canonical(earlier_background), grid,
+                                          world=after_to_before).dataobj, np.float32)
+    if earlier_mask is not None:
+        earlier_les = np.asarray(resample_like(load_canonical(earlier_mask), grid, order=0,
+                                               world=after_to_before).dataobj) > 0
+    else:
+        earlier_les = np.zeros(codes.shape, bool)
+    labels, _ = label_components(later_mask, connectivity)
+    zooms = np.asarray(grid.header.get_zooms()[:3], dtype=float)
+    half = np.maximum(np.ceil(half_width_mm / zooms), 4).astype(int)
+    crops = []
+    for _, row in lesions.iterrows():
+        centre = _lesion_voxel(row, raw.affine, grid.affine)
+        label = 0
+        if centre is not None:
+            centre = np.clip(np.round(centre).astype(int), 0, np.array(codes.shape) - 1)
+            box = tuple(slice(max(0, x - 2), x + 3) for x in centre)
+            values = labels[box][labels[box] > 0]
+            label = int(labels[tuple(centre)]) or (int(np.bincount(values).argmax())
+                                                   if values.size else 0)
+        else:
+            centre = np.array(codes.shape) // 2
+        this = _crop(labels, centre, half) == label if label else np.zeros(
+            tuple(int(2 * h + 1) for h in half), bool)
+        crops.append(ChangeCrop(row, _crop(later_bg, centre, half), _crop(earlier_bg, centre, half),
+                                this, _crop(later_mask, centre, half) & ~this,
+                                _crop(earlier_les, centre, half), zooms))
+    return crops
+
+
+def plot_changes(earlier_background: Any, later_background: Any, change_dseg: Any,
+                 lesions: pd.DataFrame, before_to_after: np.ndarray, out_png: Path, *,
+                 earlier_mask: Any | None = None, labels: tuple[str, str] = ("earlier", "later"),
+                 max_lesions: int = 30, connectivity: int = 26,
+                 half_width_mm: float = 15.0) -> tuple[Path | None, int]:
+    """Each new or enlarging lesion (rows of the change table, largest first): the earlier session
+    (aligned) and the later one side by side, axial/coronal/sagittal through the lesion; the later
+    lesion outlined in red on both, other later lesions in yellow, the earlier session's lesions in
+    blue. Returns ``(path, number shown)``; ``(None, 0)`` without a lesion to show."""
+    if lesions.empty:
+        return None, 0
+    order = lesions.assign(_v=pd.to_numeric(lesions.get("volume_after_ul"), errors="coerce"))
+    shown = order.sort_values("_v", ascending=False, kind="mergesort").head(max_lesions)
+    crops = change_crops(earlier_background, later_background, change_dseg, shown,
+                         before_to_after, earlier_mask=earlier_mask, connectivity=connectivity,
+                         half_width_mm=half_width_mm)
+    windows = [intensity_window(np.concatenate([getattr(c, k).ravel() for c in crops]))
+               for k in ("earlier", "later")]
+    step = 3.25
+    canvas = Canvas(len(crops), 2 * step - 0.25, panel=1.4, caption=0.2)
+    for r, crop in enumerate(crops):
+        for side, (kind, (lo, hi)) in enumerate(zip(("earlier", "later"), windows, strict=True)):
+            background = getattr(crop, kind)
+            for v, axis in enumerate(AXES):
+                k = (background.shape[_AXIS_INDEX[axis]] - 1) // 2
+                extent = canvas.image(r, side * step + v, take_slice(background, axis, k),
+                                      pixel_size(crop.zooms, axis), cmap="gray", vmin=lo, vmax=hi)
+                if kind == "earlier":
+                    canvas.contour(extent, take_slice(crop.earlier_lesions, axis, k),
+                                   EARLIER_LESION_COLOR, 0.8)
+                else:
+                    canvas.contour(extent, take_slice(crop.others, axis, k), OTHER_LESION_COLOR,
+                                   0.6)
+                canvas.contour(extent, take_slice(crop.lesion, axis, k), MASK_COLOR, 1.0)
+            row = crop.row
+            text = labels[side] if kind == "earlier" else (
+                f"{labels[side]}: #{_fmt(row.get('lesion_id_after'), 0)} {row.get('change')}   "
+                f"{_fmt(row.get('volume_before_ul'), 1)} -> {_fmt(row.get('volume_after_ul'), 1)} µL")
+            canvas.text(r, side * step + 1.5, text)
+    return save_figure(canvas.fig, out_png, palette=True), len(crops)

@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 import pandas as pd
 
 from bids_cl import __version__
 from bids_cl.derivatives import spec
 from bids_cl.derivatives.reader import (
+    ChangeOutputs,
     Crash,
     TargetOutputs,
+    collect_changes,
     collect_crashes,
     collect_targets,
     latest_run_dir,
@@ -99,6 +102,10 @@ def generate_participant_report(out_dir: str | Path, participant_label: str, *,
         nav.append((anchor, _short(target)))
         sections.append(_target_section(out_dir, target, fig_dir, templates, template_lookup,
                                         cache, max_lesions))
+    changes = collect_changes(out_dir, label)
+    if changes:
+        nav.append(("changes", "Change"))
+        sections.append(_changes_section(out_dir, changes, targets, fig_dir, max_lesions))
     nav.append(("errors", "Errors"))
     sections.append(_errors_section(out_dir, crashes, status))
     nav.append(("about", "About"))
@@ -312,6 +319,88 @@ def _target_section(out_dir: Path, target: TargetOutputs, fig_dir: Path,
     parts.append("<h3>What was run</h3>")
     parts.append(_provenance_html(out_dir, target, strategy))
     parts.append("</section>")
+    return "\n".join(parts)
+
+
+CHANGE_DIGITS = {"volume_before_ul": 1, "volume_after_ul": 1, "change_ul": 1, "change_pct": 1,
+                 "centroid_x": 1, "centroid_y": 1, "centroid_z": 1, "template_x": 1,
+                 "template_y": 1, "template_z": 1, "mean_prob_before": 3, "mean_prob_after": 3,
+                 "prior_max_prob": 3}
+SHOWN_CHANGES = ("new", "enlarging")
+
+
+def _changes_section(out_dir: Path, changes: list[ChangeOutputs], targets: list[TargetOutputs],
+                     fig_dir: Path, max_lesions: int) -> str:
+    """Lesion change between sessions: per pair the counts, then the earlier and later session side
+    by side around each new or enlarging lesion, then the change table."""
+    by_prefix = {t.prefix: t for t in targets}
+    parts = ['<section id="changes"><h2>Change between sessions</h2>',
+             '<p class="note">Each pair of sessions of one target line (consecutive, and baseline to '
+             "last with three or more) is aligned rigidly and its lesions are matched: new, "
+             "enlarging, stable, shrinking and disappeared lesions (docs/longitudinal.md).</p>"]
+    for change in changes:
+        parts.append(_change_pair_html(out_dir, change, by_prefix, fig_dir, max_lesions))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _change_pair_html(out_dir: Path, change: ChangeOutputs, by_prefix: dict[str, TargetOutputs],
+                      fig_dir: Path, max_lesions: int) -> str:
+    s = change.summary
+    earlier = change.earlier_prefix or f"ses-{change.earlier_session}"
+    anchor = f"change-{change.prefix}-from-{change.earlier_session}"
+    parts = [f'<h3 id="{esc(anchor)}">{esc(earlier)} &rarr; {esc(change.prefix)}</h3>']
+    if change.refused:
+        parts.append(box(f"<b>No change classified:</b> {esc(change.refused)}", "warning", raw=True))
+    rows: list[tuple[str, Any]] = [(key, s.get(key)) for key in
+                                   ("New", "Enlarging", "Stable", "Shrinking", "Disappeared")]
+    rows += [("Net volume change (µL)", s.get("NetVolumeChange_uL")),
+             ("Alignment quality", s.get("AlignmentQuality")),
+             ("Alignment quality without alignment", s.get("AlignmentQualityUnaligned")),
+             ("Alignment accepted", s.get("AlignmentAccepted"))]
+    parts.append(kv_table(rows))
+    if change.refused:
+        return "\n".join(parts)
+    table = change.table()
+    shown = table[table["change"].isin(SHOWN_CHANGES)]
+    if "lesion_id_after" in shown:
+        shown = shown.drop_duplicates("lesion_id_after")
+    png = fig_dir / f"{change.prefix}_desc-changeFrom{change.earlier_session}_T1w.png"
+    before, after = by_prefix.get(earlier), by_prefix.get(change.prefix)
+    matrix = (s.get("Alignment") or {}).get("BeforeToAfter")
+    if shown.empty:
+        png.unlink(missing_ok=True)  # no stale figure from an earlier run
+        parts.append('<p class="note">No new or enlarging lesion.</p>')
+    elif before is None or after is None or matrix is None:
+        parts.append(box("The outputs of both sessions and the alignment are needed for the "
+                         "side-by-side figure.", "warning"))
+    else:
+        bg_before, text_before = _background(before)
+        bg_after, text_after = _background(after)
+        if bg_before is None or bg_after is None:
+            parts.append(box("No image of one of the sessions to show.", "warning"))
+        else:
+            def _draw() -> str:
+                path, n = figs.plot_changes(
+                    bg_before, bg_after, change.path("change_dseg"), shown,
+                    np.asarray(matrix, dtype=float), png,
+                    earlier_mask=before.path("lesion_mask"),
+                    labels=(f"ses-{change.earlier_session} (aligned)", f"ses-{change.session}"),
+                    max_lesions=max_lesions,
+                    connectivity=int(after.summary.get("Connectivity") or 26))
+                capped = (f"the {n} largest of {len(shown)}" if n < len(shown)
+                          else f"all {n}")
+                return figure_html(_rel(out_dir, path), (
+                    f"New and enlarging lesions ({capped}): left the earlier session "
+                    f"({esc(text_before)}) aligned onto the later one, right the later session "
+                    f"({esc(text_after)}); axial, coronal and sagittal slices through each lesion. "
+                    "Red: the later lesion (drawn on both); yellow: other later lesions; blue: the "
+                    "earlier session's lesions."), alt=f"change of {change.prefix}")
+            parts.append(_try_figure("change", _draw))
+    parts.append(table_html(table, rows_key=f"changes:{change.prefix}:{change.earlier_session}",
+                            cls="lesion-table", digits=CHANGE_DIGITS))
+    parts.append(f'<p class="note">From <code>{esc(_rel(out_dir, change.path("change_table")))}'
+                 "</code>.</p>")
     return "\n".join(parts)
 
 
