@@ -196,3 +196,62 @@ def test_halfway_space_moves_both_sessions_half_way() -> None:
     assert np.array_equal(a, b) and np.argwhere(b == 1)[:, 0].min() == 12   # both moved by 2 voxels
     assert np.array_equal(space.to_after(before, order=0), after)
     assert np.allclose(space.points_to_after(np.array([[1.0, 2.0, 3.0]])), [[9.0, 2.0, 3.0]])
+
+
+# ------------------------------------------------------------------------------------------ runner
+
+
+def test_runner_reports_refused_and_unpairable_as_warnings_and_a_failed_pair_as_failure(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+    import logging
+
+    from bids_cl.cli.workflow import _change_outcomes
+    from bids_cl.config import RunConfig
+    from bids_cl.derivatives.records import STATUS_FAILED, STATUS_OK, STATUS_REFUSED, TargetRecord
+    from bids_cl.derivatives.writer import write_target_record
+    from bids_cl.workflows.longitudinal import pair_record_file
+
+    config = RunConfig(bids_dir=tmp_path, output_dir=tmp_path / "out", run_uuid="run1")
+    items = [_item(s) for s in ("1", "2", "3", "4")]
+    items.append(_item("2", sequence="MPRAGE", suffix="T1w", acq="mprage"))
+    outcomes = {i.prefix: TargetRecord(prefix=i.prefix, status=STATUS_OK) for i in items}
+    outcomes["sub-01_ses-4"] = TargetRecord(prefix="sub-01_ses-4", status=STATUS_FAILED, exit_code=65)
+    log_dir = spec.log_dir(config.output_dir, "01", config.run_uuid)
+    pairs = {(p.earlier.session, p.later.session): p for p in plan_pairs(items)[0]}
+    assert set(pairs) == {("1", "2"), ("2", "3"), ("3", "4"), ("1", "4")}
+    ok = pairs[("1", "2")]
+    write_target_record(log_dir, TargetRecord(prefix=ok.name, status=STATUS_OK))
+    summary = {"New": 1, "Enlarging": 2, "Stable": 3, "Shrinking": 0, "Disappeared": 4}
+    summary_path = config.output_dir / ok.later.anat_dir / spec.change_name(ok.later.prefix, "change_summary",
+                                                                            earlier="1")
+    summary_path.parent.mkdir(parents=True)
+    summary_path.write_text(json.dumps(summary))
+    refused = pairs[("2", "3")]
+    write_target_record(log_dir, TargetRecord(prefix=refused.name, status=STATUS_REFUSED,
+                                              reason="alignment is poor"))
+    assert pair_record_file(config, refused) == log_dir / spec.RECORDS_DIR / f"{refused.name}.json"
+    # (3, 4) and (1, 4): ses-4 failed, so no record is expected; nothing else left a record either
+    with caplog.at_level(logging.WARNING, logger="bids_cl.workflow"):
+        failures = _change_outcomes(config, items, [], outcomes, {"01": log_dir})
+    assert failures == []
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(w.startswith("sub-01_ses-2_acq-mprage: no other session") for w in warnings)
+    assert f"{refused.name}: alignment is poor" in warnings
+    assert f"{pairs[('3', '4')].name}: no lesion change computed: sub-01_ses-4 failed" in warnings
+    assert "sub-01_ses-2: since ses-1: 1 new, 2 enlarging, 3 stable, 0 shrinking, 4 disappeared" \
+        in capsys.readouterr().out
+
+    # a pair that failed by itself (its own record) is a failure with its exit code and a crash note
+    outcomes["sub-01_ses-4"] = TargetRecord(prefix="sub-01_ses-4", status=STATUS_OK)
+    write_target_record(log_dir, TargetRecord(prefix=pairs[("3", "4")].name, status=STATUS_FAILED,
+                                              exit_code=73, reason="cannot write"))
+    write_target_record(log_dir, TargetRecord(prefix=pairs[("1", "4")].name, status=STATUS_OK))
+    (config.output_dir / "sub-01" / "ses-4" / "anat").mkdir(parents=True)
+    (config.output_dir / "sub-01" / "ses-4" / "anat" / spec.change_name(
+        "sub-01_ses-4", "change_summary", earlier="1")).write_text(json.dumps(summary))
+    failures = _change_outcomes(config, items, [], outcomes, {"01": log_dir})
+    assert [(f[0].prefix, f[1], f[2]) for f in failures] == [(pairs[("3", "4")].name, "cannot write", 73)]
+    assert (log_dir / spec.crash_note_name(pairs[("3", "4")].name)).is_file()
+    assert _change_outcomes(dataclasses.replace(config, longitudinal="off"), items, [], outcomes,
+                            {"01": log_dir}) == []
