@@ -175,7 +175,8 @@ def classify_change(
     prior = {}
     if prob_before is not None and ids_a:
         prob_before = np.asarray(prob_before, dtype=np.float64)
-        present = [i for i in ids_a if np.any(after == i)]
+        sizes = label_sizes(after, max(ids_a))
+        present = [i for i in ids_a if sizes[i - 1] > 0]
         if present:
             maxima = ndimage.maximum(prob_before, after, index=present)
             prior = {i: float(m) for i, m in zip(present, np.atleast_1d(maxima), strict=True)}
