@@ -131,3 +131,85 @@ def test_nibabel_ants_round_trip():
     ras = nib.affines.apply_affine(affine, [1, 2, 3])
     lps = aimg.origin + (np.asarray(aimg.direction) * aimg.spacing) @ [1, 2, 3]
     assert np.allclose(lps, ras * [-1, -1, 1], atol=1e-5)
+
+
+# --- accuracy where the truth is known (issue 20): a phantom warped by a known smooth field + rigid motion
+
+
+@pytest.fixture(scope="module")
+def known_case():
+    """The tiny (2 mm) bids_cl-synth phantom at 4 mm, and a subject made from it by a known warp."""
+    from bids_cl.preproc.known_warp import make_case
+    from bids_cl.synth import SynthOptions, plan_participants, simulate_subject
+
+    options = SynthOptions(participants=1, seed=3, sequence="mprage", size="tiny")
+    ph = simulate_subject(options, plan_participants(options)[0]).images[0]
+
+    def at4(data, order):
+        return np.asanyarray(downsample(nib.Nifti1Image(data, ph.affine), 4.0, order=order).dataobj)
+
+    grid = downsample(nib.Nifti1Image(ph.brain_mask.astype(np.float32), ph.affine), 4.0, order=0)
+    return make_case(at4(ph.target_image.astype(np.float32), 1), at4(ph.brain_mask.astype(np.uint8), 0),
+                     at4(ph.labels, 0), at4(ph.truth.dseg.astype(np.int16), 0), grid.affine, seed=1)
+
+
+def test_known_warp_construction(known_case):
+    """The subject really is the template seen through ``warp``: the true map puts each subject lesion's
+    centroid within one 4 mm voxel of its template lesion's centroid, and the subject's tissue labels
+    pulled back through the true map overlap the template's; without it they do not."""
+    from bids_cl.preproc.known_warp import label_centroids, make_known_warp
+
+    c = known_case
+    subj, tpl = label_centroids(c.subject_lesions, c.subject.affine), label_centroids(c.template_lesions,
+                                                                                       c.template.affine)
+    ids = sorted(set(subj) & set(tpl))
+    assert len(ids) >= 3
+    true = np.linalg.norm(c.warp(np.stack([subj[i] for i in ids])) - np.stack([tpl[i] for i in ids]), axis=1)
+    naive = np.linalg.norm(np.stack([subj[i] for i in ids]) - np.stack([tpl[i] for i in ids]), axis=1)
+    assert np.median(true) < 2.0 and np.median(naive) > 8.0  # the rigid motion alone moves ~10 mm
+    assert c.warp.max_gradient() < 0.5
+    with pytest.raises(ValueError):
+        make_known_warp(np.zeros(3), amplitude_mm=10.0, wavelength_mm=40.0)  # would fold
+
+
+@pytest.fixture(scope="module")
+def known_scores(known_case, tmp_path_factory):
+    from bids_cl.preproc.known_warp import score_registration
+
+    out, scores = tmp_path_factory.mktemp("known"), {}
+    for schedule in ("fast", "reference"):
+        res = register_to_template(known_case.subject, known_case.template,
+                                   template_mask=known_case.template_mask, out_prefix=out / f"{schedule}_",
+                                   schedule=schedule, seed=42)
+        scores[schedule] = (res, score_registration(known_case, res, points=1000))
+    return scores
+
+
+def test_default_schedule_accuracy_on_known_warp(known_scores):
+    """The default (``fast``) schedule recovers the known warp: points inside the brain land within
+    about a voxel of their true template position, lesion centroids too, and tissue maps overlap."""
+    res, s = known_scores["fast"]
+    assert res.metrics["schedule"] == "fast" and not res.metrics["sloppy"]
+    assert s["points_mm"]["median"] < 1.5 and s["points_mm"]["p95"] < 4.0  # 4 mm voxels
+    assert s["lesions_mm"]["median"] < 2.5
+    assert s["dice"]["GM"] > 0.85 and s["dice"]["WM"] > 0.85
+    assert s["dice_identity"]["GM"] < 0.7  # the warp is far from the identity
+
+
+def test_default_schedule_no_worse_than_reference(known_scores):
+    """Issue 20: the faster schedule may not lose accuracy against the schedule it replaced."""
+    _, fast = known_scores["fast"]
+    _, ref = known_scores["reference"]
+    assert fast["points_mm"]["median"] <= ref["points_mm"]["median"] * 1.1 + 0.05
+    assert fast["lesions_mm"]["median"] <= ref["lesions_mm"]["median"] * 1.1 + 0.05
+    for tissue in ("GM", "WM"):
+        assert fast["dice"][tissue] >= ref["dice"][tissue] - 0.01
+
+
+def test_unknown_schedule_refused(known_case, tmp_path):
+    with pytest.raises(ValueError, match="schedule"):
+        register_to_template(known_case.subject, known_case.template, out_prefix=tmp_path / "x_",
+                             schedule="quick")
+    with pytest.raises(ValueError, match="contradicts"):
+        register_to_template(known_case.subject, known_case.template, out_prefix=tmp_path / "x_",
+                             schedule="fast", sloppy=True)

@@ -26,6 +26,25 @@ from bids_cl.errors import EXIT_FAILURE, BidsClError
 
 SLOPPY_MM = 4.0  # working resolution of sloppy (test) registrations
 
+#: Registration schedules of ``task_register`` (``register_to_template(schedule=...)``).
+#:
+#: * ``fast`` (default): both images resampled (linear) to ``work_mm`` = 2 mm when finer, then antspyx
+#:   ``SyN`` with SyN iterations (40, 20) at 4 and 2 mm, single precision. The template space serves
+#:   group frequency maps and template coordinates, not the segmentation, and ``reference``'s finest SyN
+#:   level with iterations is 2 mm already (its 1 mm level runs 0 iterations but still builds the 1 mm
+#:   pyramid and fields); the affine's levels become 8/4/4 mm instead of 4/2/2 mm.
+#: * ``reference``: the schedule before issue 20, antspyx ``SyN`` as shipped (affine 2100x1200x1200x0 at
+#:   shrink 4/2/2/1, SyN 40x20x0 at shrink 4/2/1) on the native grids; the stock chain of the benchmark.
+#: * ``sloppy``: 4 mm, ``antsRegistrationSyNQuick[s]``: seconds, for tests.
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "fast": {"work_mm": 2.0, "type_of_transform": "SyN", "reg_iterations": (40, 20)},
+    "reference": {"work_mm": None, "type_of_transform": "SyN", "reg_iterations": (40, 20, 0)},
+    # SyNQuick[s] (rigid + affine + SyN, coarse levels only) takes ~3 s at 4 mm where "SyN" with
+    # (20, 10) iterations takes ~13 s (measured on 2 loaded cores).
+    "sloppy": {"work_mm": SLOPPY_MM, "type_of_transform": "antsRegistrationSyNQuick[s]"},
+}
+DEFAULT_SCHEDULE = "fast"
+
 
 def run_isolated(task: str, params: dict[str, Any], *, nthreads: int = 1,
                  timeout: float | None = None) -> dict[str, Any]:
@@ -95,33 +114,50 @@ def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return float((x * y).sum() / denom) if denom > 0 else 0.0
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _at_least(img, work_mm: float | None):  # -> ants.ANTsImage
+    """``img`` resampled (linear) to ``work_mm`` isotropic when any voxel side is finer, else itself."""
+    import ants
+
+    if work_mm is None or min(img.spacing) >= work_mm - 1e-6:
+        return img
+    return ants.resample_image(img, (work_mm,) * 3, use_voxels=False, interp_type=0)
+
+
 def task_register(*, fixed: str, moving: str, fixed_mask: str | None, out_prefix: str, seed: int,
-                  sloppy: bool) -> dict[str, Any]:
-    """Affine + SyN of ``moving`` (subject brain) to ``fixed`` (template brain); ANTs composite .h5 out."""
+                  sloppy: bool = False, schedule: str | None = None) -> dict[str, Any]:
+    """Affine + SyN of ``moving`` (subject brain) to ``fixed`` (template brain); ANTs composite .h5 out.
+
+    ``schedule`` names an entry of ``SCHEDULES`` (default ``fast``; ``sloppy=True`` means ``sloppy``).
+    Transforms live in world space, so those computed on resampled images apply to the full-resolution
+    images (the composite's displacement field is stored on the working grid).
+    """
     import ants
 
     from bids_cl.preproc._images import dice
 
-    t0 = time.time()
+    name = schedule or ("sloppy" if sloppy else DEFAULT_SCHEDULE)
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown registration schedule {name!r}; one of {sorted(SCHEDULES)}")
+    plan = dict(SCHEDULES[name])
+    work_mm = plan.pop("work_mm")
+    t0, cpu0 = time.time(), _cpu_seconds()
     fixed_img, moving_img = _read(fixed), _read(moving)
     mask_img = _read(fixed_mask) if fixed_mask else None
     if mask_img is not None:
         # The template may be a head (TemplateFlow spaces without desc-brain T1w): register brain to brain.
         fixed_img = fixed_img.new_image_like(fixed_img.numpy() * (mask_img.numpy() > 0.5))
-    fix, mov = fixed_img, moving_img
-    kwargs: dict[str, Any] = {"type_of_transform": "SyN", "reg_iterations": (40, 20, 0)}
-    if sloppy:
-        # 4 mm, few iterations: seconds, for tests. Transforms live in world space, so they still apply
-        # to the full-resolution images below.
-        fix = ants.resample_image(fixed_img, (SLOPPY_MM,) * 3, use_voxels=False, interp_type=0)
-        mov = ants.resample_image(moving_img, (SLOPPY_MM,) * 3, use_voxels=False, interp_type=0)
-        # SyNQuick[s] (rigid + affine + SyN, coarse levels only) takes ~3 s at 4 mm where "SyN" with
-        # (20, 10) iterations takes ~13 s (measured on 2 loaded cores).
-        kwargs = {"type_of_transform": "antsRegistrationSyNQuick[s]"}
+    fix, mov = _at_least(fixed_img, work_mm), _at_least(moving_img, work_mm)
     Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
     reg = _registration(fix, mov, outprefix=out_prefix, write_composite_transform=True, seed=seed,
-                        **kwargs)
-    t_reg = time.time() - t0
+                        **plan)
+    t_reg, cpu_reg = time.time() - t0, _cpu_seconds() - cpu0
     fwd, inv = reg["fwdtransforms"], reg["invtransforms"]
     fwd = [fwd] if isinstance(fwd, str) else list(fwd)
     inv = [inv] if isinstance(inv, str) else list(inv)
@@ -142,7 +178,10 @@ def task_register(*, fixed: str, moving: str, fixed_mask: str | None, out_prefix
             "ncc_after": _ncc(fixed_np, warped.numpy(), ref),
             "mask_dice": dice(warped.numpy() != 0, ref),
             "registration_seconds": round(t_reg, 2),
-            "sloppy": sloppy,
+            "registration_cpu_seconds": round(cpu_reg, 2),  # all threads; steadier than wall on busy nodes
+            "sloppy": name == "sloppy",
+            "schedule": name,
+            "work_mm": work_mm,
             "seed": seed,
             "itk_threads": int(os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "0")),
         },

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from bids_cl.errors import EXIT_BAD_DATA, BidsClError
-from bids_cl.preproc._ants_worker import run_isolated
+from bids_cl.preproc._ants_worker import DEFAULT_SCHEDULE, SCHEDULES, run_isolated
 from bids_cl.preproc._images import RAS_TO_LPS, load_3d, to_ants
 from bids_cl.preproc.templates import TemplateFiles
 
@@ -68,16 +68,23 @@ def register_to_template(
     nthreads: int = 1,
     out_prefix: str | os.PathLike[str],
     sloppy: bool = False,
+    schedule: str | None = None,
 ) -> RegistrationResult:
     """Register a skull-stripped subject T1w (moving) to a template brain (fixed): affine + SyN.
 
     ``template`` is a ``TemplateFiles`` (its mask is used when ``template_mask`` is None) or a T1w image;
     a head template is multiplied by its mask first. The run is deterministic for a given ``seed`` when
     ``nthreads == 1`` (ITK sums in thread order otherwise). It runs in a child process so that
-    ``nthreads`` is honoured (see ``_ants_worker``). ``sloppy`` registers at 4 mm with few iterations
-    (seconds; for tests). Outputs go to ``<out_prefix>Composite.h5``, ``<out_prefix>InverseComposite.h5``
+    ``nthreads`` is honoured (see ``_ants_worker``). ``schedule`` (``_ants_worker.SCHEDULES``): ``fast``
+    (default; affine + SyN at 2 mm), ``reference`` (antspyx ``SyN`` as shipped, at the native grids: the
+    schedule before issue 20) or ``sloppy`` (4 mm, few iterations: seconds, for tests; what ``sloppy=True``
+    asks for). Outputs go to ``<out_prefix>Composite.h5``, ``<out_prefix>InverseComposite.h5``
     and ``<out_prefix>Warped.nii.gz``.
     """
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, not {schedule!r}")
+    if sloppy and schedule not in (None, "sloppy"):
+        raise ValueError(f"sloppy=True contradicts schedule={schedule!r}")
     prefix = Path(out_prefix).absolute()
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tpl, tpl_mask = _template_paths(template, template_mask)
@@ -94,6 +101,7 @@ def register_to_template(
             "out_prefix": str(prefix),
             "seed": int(seed),
             "sloppy": bool(sloppy),
+            "schedule": schedule or ("sloppy" if sloppy else DEFAULT_SCHEDULE),
         }
         out = run_isolated("register", params, nthreads=nthreads)
         template_ref = params["fixed"] if isinstance(tpl, (str, os.PathLike)) else ""
