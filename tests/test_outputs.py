@@ -144,7 +144,10 @@ def test_workflow_graph_has_a_branch_per_session_and_target(tmp_path: Path) -> N
     # The methods text: every workflow's paragraph once, outermost first.
     methods = collect_methods(workflow)
     assert methods[0].startswith("Cortical lesions were segmented with bids_cl")
-    assert any("antspyx" in m for m in methods) and len(methods) == len(set(methods)) == 4
+    # ... the lesion change between the two sessions included (docs/longitudinal.md)
+    assert any("change_sub_01_ses_03_desc_changeFrom02_wf.align" in n for n in flat)
+    assert any(m.startswith("Lesion change between sessions") for m in methods)
+    assert any("antspyx" in m for m in methods) and len(methods) == len(set(methods)) == 5
 
 
 def test_interrupted_nifti_write_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
