@@ -1,4 +1,5 @@
-"""Registration to MNI152NLin2009aSym (sloppy: 4 mm, seconds): transforms, resampling, point mapping."""
+"""Registration: transforms, resampling and point mapping (Colin27 -> MNI152NLin2009aSym, sloppy: 4 mm,
+seconds), and accuracy on a phantom warped by a known field (tiny grid, default and reference schedules)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from bids_cl.preproc import (
 from bids_cl.preproc._images import downsample, from_ants, to_ants
 
 MRICRON = Path("/usr/share/mricron/templates")
-pytestmark = pytest.mark.skipif(not (MRICRON / "ch2bet.nii.gz").is_file(),
-                                reason="needs Debian mricron-data (apt-get install mricron-data)")
+# Colin27 tests need Debian mricron-data; the known-warp tests build their own phantom.
+needs_mricron = pytest.mark.skipif(not (MRICRON / "ch2bet.nii.gz").is_file(),
+                                   reason="needs Debian mricron-data (apt-get install mricron-data)")
 
 
 def _subject_brain() -> nib.Nifti1Image:
@@ -65,6 +67,7 @@ def _centroid_mm(img: nib.Nifti1Image) -> np.ndarray:
     return nib.affines.apply_affine(img.affine, (idx * w[w > 0][:, None]).sum(0) / w.sum())
 
 
+@needs_mricron
 def test_registration_outputs(registered, template):
     _, res = registered
     for path in (res.composite_h5, res.inverse_composite_h5, res.warped_moving):
@@ -77,6 +80,7 @@ def test_registration_outputs(registered, template):
     assert m["mask_dice"] > 0.9 and m["seed"] == 7 and m["itk_threads"] == 1 and m["sloppy"]
 
 
+@needs_mricron
 def test_centroid_maps_to_warped_blob_centroid(registered, template):
     """points_to_template (inverse transforms, LPS<->RAS) agrees with warping the image (forward)."""
     brain, res = registered
@@ -87,6 +91,7 @@ def test_centroid_maps_to_warped_blob_centroid(registered, template):
         assert np.linalg.norm(mapped - _centroid_mm(warped)) < 2.0  # one template voxel (2 mm)
 
 
+@needs_mricron
 def test_apply_to_template_keeps_label_dtype(registered, template):
     brain, res = registered
     blob = _blob(brain, (0, 0, 0), radius=4)
@@ -100,12 +105,14 @@ def test_apply_to_template_keeps_label_dtype(registered, template):
         apply_to_template(blob, res, template, interpolation="cubic")
 
 
+@needs_mricron
 def test_points_edge_cases(registered):
     _, res = registered
     assert points_to_template(np.zeros((0, 3)), res).shape == (0, 3)
     assert points_to_template([1.0, 2.0, 3.0], res).shape == (1, 3)
 
 
+@needs_mricron
 def test_same_seed_same_result(registered, template, tmp_path):
     """One ITK thread + fixed seed: a rerun is bit-identical (the transform and the warped image)."""
     brain, first = registered
