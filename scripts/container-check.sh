@@ -183,6 +183,9 @@ if [ "$skip_build" = 0 ]; then
         --build-arg "BUILD_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
         -t "$image" -f "$here/Dockerfile" "$here"
     say "  build time: $(( $(date +%s) - start )) s"
+    # buildah keeps the working container of a stage that only serves COPY --from: remove it.
+    buildah containers --format '{{.ContainerID}} {{.ImageName}}' \
+        | awk -v img="$synthstrip_image" '$2 == img {print $1}' | xargs -r buildah rm > /dev/null
 fi
 size=$(podman image inspect --format '{{.Size}}' "$image")
 say "image size: $(( size / 1000000 )) MB ($size bytes, uncompressed, as podman image inspect reports)"
