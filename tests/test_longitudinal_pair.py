@@ -255,3 +255,25 @@ def test_runner_reports_refused_and_unpairable_as_warnings_and_a_failed_pair_as_
     assert (log_dir / spec.crash_note_name(pairs[("3", "4")].name)).is_file()
     assert _change_outcomes(dataclasses.replace(config, longitudinal="off"), items, [], outcomes,
                             {"01": log_dir}) == []
+
+
+def test_sessions_without_lesions_give_an_empty_table_or_only_new_lesions(tmp_path: Path) -> None:
+    empty = np.zeros(SHAPE, dtype=np.uint8)
+    one = empty.copy()
+    one[5:9, 5:9, 5:9] = 1
+    out = tmp_path / "out"
+    nothing = compute_change(_session(tmp_path, "b", empty), _session(tmp_path, "a", empty), _identity(0.9))
+    assert len(nothing.table) == 0 and not np.asarray(nothing.dseg.dataobj).any()
+    assert (nothing.summary["New"], nothing.summary["Disappeared"], nothing.summary["NetVolumeChange_uL"]) \
+        == (0, 0, 0.0)
+    written = write_change_derivatives(out, _later_item(), "01", table=nothing.table, dseg=nothing.dseg,
+                                       summary=nothing.summary, sources=[])
+    assert written[0].read_text() == "\t".join(spec.CHANGE_COLUMNS) + "\n"
+    appeared = compute_change(_session(tmp_path, "b", empty), _session(tmp_path, "a", one), _identity(0.9))
+    assert appeared.table["change"].tolist() == ["new"] and appeared.summary["New"] == 1
+    assert appeared.table["volume_after_ul"].tolist() == pytest.approx([64 * 8.0])
+    assert set(np.unique(np.asarray(appeared.dseg.dataobj))) == {0, spec.CHANGE_CODES["new"]}
+    gone = compute_change(_session(tmp_path, "b", one), _session(tmp_path, "a", empty), _identity(0.9))
+    assert gone.table["change"].tolist() == ["disappeared"] and gone.summary["Disappeared"] == 1
+    assert (np.asarray(gone.dseg.dataobj) == spec.CHANGE_CODES["disappeared"]).sum() == 64
+    assert gone.table["centroid_x"].notna().all()   # the earlier centroid, mapped into the later session
