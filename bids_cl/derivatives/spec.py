@@ -10,6 +10,7 @@ This module is pure data and imports nothing from bids_cl, so that every layer, 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,11 @@ def sidecar_name(filename: str) -> str:
 def summary_glob() -> str:
     """Glob (below an ``anat`` folder) matching every target's summary."""
     return "*" + OUTPUTS["summary"].name("", space=None)
+
+
+def line_of(prefix: str) -> str:
+    """A target's prefix without its ``ses-`` entity: the same acquisition followed over sessions."""
+    return re.sub(r"_ses-[A-Za-z0-9]+", "", str(prefix))
 
 
 def prefix_of_summary(filename: str) -> str | None:

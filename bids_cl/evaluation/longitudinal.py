@@ -21,7 +21,6 @@ cross-sectional ones (``metrics``, ``utils.components``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from bids_cl.derivatives import spec
 from bids_cl.derivatives.reader import (
     ChangeOutputs,
     collect_changes,
+    natural_key,
     output_participants,
     read_json,
 )
@@ -94,11 +94,6 @@ CONVENTIONS = {
     "RefusedPairs": "pairs whose alignment was refused have no change map: they are listed in "
                     "pairs.tsv and left out of every aggregate",
 }
-
-
-def session_free(prefix: str) -> str:
-    """The prefix without its ``ses-`` entity: the same target line followed over sessions."""
-    return re.sub(r"_ses-[A-Za-z0-9]+", "", str(prefix))
 
 
 # ------------------------------------------------------------------------------------ pure parts
@@ -225,11 +220,11 @@ class TruthIndex:
 
     def line(self, prefix: str) -> dict[str, Path]:
         """Session label -> truth table of every session of ``prefix``'s target line."""
-        key = session_free(prefix)
+        key = spec.line_of(prefix)
         out = {}
         for other, path in self.tables.items():
             ses = prefix_entities(other).get("ses")
-            if ses is not None and session_free(other) == key:
+            if ses is not None and spec.line_of(other) == key:
                 out[ses] = path
         return out
 
@@ -248,10 +243,6 @@ class PairEvaluation:
     warnings: list[str] = field(default_factory=list)
 
 
-def _natural(text: str) -> tuple:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
-
-
 def evaluate_change(out_dir: Path, change: ChangeOutputs, truth: TruthIndex,
                     settings: EvaluationSettings) -> PairEvaluation | None:
     """Evaluate one pair; None when the truth of either session is missing."""
@@ -263,7 +254,7 @@ def evaluate_change(out_dir: Path, change: ChangeOutputs, truth: TruthIndex,
     if ses_e not in line or ses_l not in line:
         return None
     tables = {ses: _read_table(path) for ses, path in line.items()}
-    classes = truth_classes(tables, ses_e, ses_l, sorted(line, key=_natural))
+    classes = truth_classes(tables, ses_e, ses_l, sorted(line, key=natural_key))
     identity = {"participant_id": f"sub-{change.participant}", "earlier": earlier, "later": later,
                 "session_from": f"ses-{ses_e}", "session_to": f"ses-{ses_l}"}
     row: dict[str, object] = {**identity, "refused": change.refused,

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from bids_cl.derivatives.spec import line_of
+
 MEASURES = ("lesion_count", "total_volume_ul", "median_volume_ul")
 MAX_LEVELS = 12  # more levels than this is an identifier or free text, not a grouping variable
 DESCRIPTIVE_COLUMNS = ["measure", "group_by", "group", "n_images", "n_participants", "mean", "sd",
@@ -151,7 +153,7 @@ def correlation_stats(table: pd.DataFrame, covariates: Sequence[str],
 
 def target_line(prefix: str) -> str:
     """The prefix without its session entity: the same acquisition followed over sessions."""
-    return re.sub(r"_ses-[A-Za-z0-9]+", "", str(prefix))
+    return line_of(prefix)
 
 
 def longitudinal_changes(table: pd.DataFrame) -> pd.DataFrame:
