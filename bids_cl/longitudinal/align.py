@@ -20,8 +20,10 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from bids_cl.preproc._ants_worker import run_isolated
+from bids_cl.preproc._ants_worker import SLOPPY_MM, run_isolated
 from bids_cl.preproc._images import RAS_TO_LPS, load_3d
+
+RIGID_WORK_MM = 2.0  # resolution the rigid transform is estimated at (finer images are resampled)
 
 
 def itk_to_ras(parameters: list[float], fixed_parameters: list[float]) -> np.ndarray:
@@ -37,12 +39,15 @@ def itk_to_ras(parameters: list[float], fixed_parameters: list[float]) -> np.nda
 
 def rigid_fixed_to_moving(fixed: str | Path, moving: str | Path, *, seed: int, nthreads: int = 1,
                           sloppy: bool = False) -> np.ndarray:
-    """Rigid registration (antspyx, worker process): the RAS matrix mapping fixed points to moving."""
+    """Rigid registration (antspyx, worker process): the RAS matrix mapping fixed points to moving.
+
+    Estimated at :data:`RIGID_WORK_MM` (images finer than that are resampled; ``sloppy``: 4 mm)."""
     with tempfile.TemporaryDirectory(prefix="bids_cl_rigid_") as tmp:
         out = run_isolated("rigid", {"fixed": str(Path(fixed).absolute()),
                                      "moving": str(Path(moving).absolute()),
                                      "out_prefix": f"{tmp}/rigid_", "seed": int(seed),
-                                     "sloppy": bool(sloppy)}, nthreads=nthreads)
+                                     "work_mm": SLOPPY_MM if sloppy else RIGID_WORK_MM},
+                           nthreads=nthreads)
     return itk_to_ras(out["parameters"], out["fixed_parameters"])
 
 

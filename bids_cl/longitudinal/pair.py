@@ -15,7 +15,12 @@ import pandas as pd
 
 from bids_cl.derivatives.records import AlignmentRecord
 from bids_cl.errors import EXIT_BAD_DATA, BidsClError
-from bids_cl.longitudinal.align import HalfwaySpace, alignment_quality, symmetric_rigid
+from bids_cl.longitudinal.align import (
+    RIGID_WORK_MM,
+    HalfwaySpace,
+    alignment_quality,
+    symmetric_rigid,
+)
 from bids_cl.longitudinal.change import (
     MERGE,
     SPLIT,
@@ -25,11 +30,12 @@ from bids_cl.longitudinal.change import (
     classify_change,
     complete_table,
 )
+from bids_cl.preproc._ants_worker import SLOPPY_MM
 from bids_cl.preproc._images import load_3d
 from bids_cl.utils.components import label_components, label_sizes
 
-ALIGNMENT_METHOD = ("antspyx rigid registration in both directions (one thread, fixed seed), "
-                    "averaged; lesions compared in the halfway space")
+ALIGNMENT_METHOD = ("antspyx rigid registration in both directions at {mm:g} mm (one thread, fixed "
+                    "seed), averaged; lesions compared in the halfway space")
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,8 @@ def align_files(before_brain: str, before_mask: str, after_brain: str, after_mas
     unaligned = alignment_quality(before_brain, before_mask, after_brain, after_mask, np.eye(4))
     return AlignmentRecord(before_to_after=[[float(v) for v in row] for row in m],
                            quality=float(quality), quality_unaligned=float(unaligned),
-                           method=ALIGNMENT_METHOD + (" (sloppy: 4 mm)" if sloppy else ""), seed=int(seed),
+                           method=ALIGNMENT_METHOD.format(mm=SLOPPY_MM if sloppy else RIGID_WORK_MM),
+                           seed=int(seed),
                            seconds=round(time.perf_counter() - start, 3))
 
 
