@@ -61,10 +61,18 @@ def test_sessions_of_other_lines_and_unusable_sessions_are_named() -> None:
     assert [(p.earlier.prefix, p.later.prefix) for p in pairs] == [
         ("sub-01_ses-01_acq-mp2rage", "sub-01_ses-02_acq-mp2rage")]
     assert len(warnings) == 2
-    assert warnings[0].startswith("sub-01_ses-02_acq-mprage: no other session of sub-01 has a MPRAGE T1w")
+    assert warnings[0].startswith("sub-01_ses-02_acq-mprage: no other session of sub-01 has a MPRAGE T1w "
+                                  "(sub-01_acq-mprage) target")
     assert warnings[1] == "sub-01_ses-03: left out of the lesion change pairs (no T1w image)"
     # a single-session participant is not worth a warning
     assert plan_pairs([_item("01", participant="03")]) == ([], [])
+
+
+def test_same_prefix_line_but_another_sequence_is_not_paired() -> None:
+    # ses-01 has only an MP2RAGE UNI, ses-02 only an MPRAGE, neither with acq-: one prefix line
+    # (spec.line_of), two sequences: the contrasts differ, so no change is computed
+    pairs, warnings = plan_pairs([_item("01"), _item("02", sequence="MPRAGE", suffix="T1w")])
+    assert pairs == [] and len(warnings) == 2
 
 
 # ----------------------------------------------------------------------------------- alignment

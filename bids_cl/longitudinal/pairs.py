@@ -10,10 +10,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bids_cl.derivatives import spec
 from bids_cl.utils.bids import WorkItem
 
 CONSECUTIVE, BASELINE_LAST = "consecutive", "baseline-last"
-_LINE_EXCLUDED = ("subject", "session")
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,9 @@ class SessionPair:
 
 
 def target_line(item: WorkItem) -> tuple[Any, ...]:
-    """What two sessions' targets must share to be compared: sequence, suffix, other entities."""
-    others = tuple(sorted((k, str(v)) for k, v in item.entities.items()
-                          if k not in _LINE_EXCLUDED and v is not None))
-    return item.participant, item.sequence, item.target_suffix, others
+    """What two sessions' targets must share to be compared: the prefix without its session
+    (:func:`~bids_cl.derivatives.spec.line_of`, the rule the group level uses), sequence and suffix."""
+    return item.participant, item.sequence, item.target_suffix, spec.line_of(item.prefix)
 
 
 def session_key(label: str | None) -> tuple[Any, ...]:
@@ -42,8 +41,8 @@ def session_key(label: str | None) -> tuple[Any, ...]:
 
 
 def _describe(line: tuple[Any, ...]) -> str:
-    _, sequence, suffix, others = line
-    return " ".join([sequence, suffix, *(f"{k}-{v}" for k, v in others)])
+    _, sequence, suffix, prefix = line
+    return f"{sequence} {suffix} ({prefix})"
 
 
 def plan_pairs(items: Sequence[WorkItem], problems: Iterable[Any] = ()
