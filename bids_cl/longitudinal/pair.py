@@ -34,8 +34,8 @@ from bids_cl.preproc._ants_worker import SLOPPY_MM
 from bids_cl.preproc._images import load_3d
 from bids_cl.utils.components import label_components, label_sizes
 
-ALIGNMENT_METHOD = ("antspyx rigid registration in both directions at {mm:g} mm (one thread, fixed "
-                    "seed), averaged; lesions compared in the halfway space")
+ALIGNMENT_METHOD = ("antspyx rigid registration in both directions at {mm:g} mm ({threads} ITK "
+                    "thread(s), fixed seed), averaged; lesions compared in the halfway space")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ def align_files(before_brain: str, before_mask: str, after_brain: str, after_mas
     unaligned = alignment_quality(before_brain, before_mask, after_brain, after_mask, np.eye(4))
     return AlignmentRecord(before_to_after=[[float(v) for v in row] for row in m],
                            quality=float(quality), quality_unaligned=float(unaligned),
-                           method=ALIGNMENT_METHOD.format(mm=SLOPPY_MM if sloppy else RIGID_WORK_MM),
+                           method=ALIGNMENT_METHOD.format(mm=SLOPPY_MM if sloppy else RIGID_WORK_MM,
+                                                          threads=max(1, int(nthreads))),
                            seed=int(seed),
                            seconds=round(time.perf_counter() - start, 3))
 
