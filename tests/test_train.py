@@ -74,7 +74,9 @@ def test_find_cases_pairs_images_with_masks(tiny: tuple[Path, Path], tmp_path: P
     bids, labels = tiny
     extra = bids / "sub-09" / "ses-01" / "anat" / "sub-09_ses-01_T1w.nii.gz"  # no manual mask
     extra.parent.mkdir(parents=True)
-    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(extra))
+    data = np.zeros((4, 4, 4), np.float32)
+    data[1:3, 1:3, 1:3] = 100.0  # an image with signal (an all-zero one is refused by discovery)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(extra))
     try:
         cases, unannotated = find_cases(bids, labels)
     finally:
