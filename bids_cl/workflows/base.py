@@ -32,9 +32,9 @@ from bids_cl.utils.bids import WorkItem
 # Declared memory of each node, in GB: what the scheduler reserves (MultiProc's memory_gb budget, a
 # cluster plugin's --mem). Measured peaks are in docs/engine.md and docs/preprocessing.md.
 SKULLSTRIP_MEM_GB = 6  # SynthStrip, one 1 mm image: 4.9 GiB peak RSS (docs/preprocessing.md)
-SEGMENT_MEM_GB = 4
-REGISTER_MEM_GB = 3
-RESAMPLE_MEM_GB = 2
+SEGMENT_MEM_GB = 12  # paper plans, 5 folds, 7T 0.75 mm, CPU, 4 tile workers: 9.6 GiB peak RSS, +25 %
+REGISTER_MEM_GB = 3  # antspyx SyN to the 1 mm template, 7T 0.75 mm: 1.8 GiB peak RSS (node + child), +25 %
+RESAMPLE_MEM_GB = 2  # 7T 0.75 mm lesion maps to the 1 mm template: 1.5 GiB peak RSS, +25 %
 
 
 def _safe_name(text: str) -> str:
