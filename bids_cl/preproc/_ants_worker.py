@@ -33,14 +33,14 @@ SLOPPY_MM = 4.0  # working resolution of sloppy (test) registrations
 #:   group frequency maps and template coordinates, not the segmentation, and ``reference``'s finest SyN
 #:   level with iterations is 2 mm already (its 1 mm level runs 0 iterations but still builds the 1 mm
 #:   pyramid and fields); the affine's levels become 8/4/4 mm instead of 4/2/2 mm. Both images are
-#:   cropped to their non-zero box plus ``crop_mm`` (brains: about half of a template's grid is empty),
+#:   cropped to their non-zero box plus ``crop_mm`` = 6 mm (about half of a template's grid is empty),
 #:   which shrinks SyN's domain (the fixed grid) and so its cost; the field is zero outside it, where
 #:   both brains are empty.
 #: * ``reference``: the schedule before issue 20, antspyx ``SyN`` as shipped (affine 2100x1200x1200x0 at
 #:   shrink 4/2/2/1, SyN 40x20x0 at shrink 4/2/1) on the native grids; the stock chain of the benchmark.
 #: * ``sloppy``: 4 mm, ``antsRegistrationSyNQuick[s]``: seconds, for tests.
 SCHEDULES: dict[str, dict[str, Any]] = {
-    "fast": {"work_mm": 2.0, "crop_mm": 10.0, "type_of_transform": "SyN", "reg_iterations": (40, 20)},
+    "fast": {"work_mm": 2.0, "crop_mm": 6.0, "type_of_transform": "SyN", "reg_iterations": (40, 20)},
     "reference": {"work_mm": None, "crop_mm": None, "type_of_transform": "SyN",
                   "reg_iterations": (40, 20, 0)},
     # SyNQuick[s] (rigid + affine + SyN, coarse levels only) takes ~3 s at 4 mm where "SyN" with
