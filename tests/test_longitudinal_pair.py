@@ -132,6 +132,24 @@ def test_registration_recovers_a_known_motion_and_refuses_an_unrelated_image(tmp
     assert poor.quality < 0.8
 
 
+def test_a_bias_field_between_sessions_is_not_taken_for_misalignment(tmp_path: Path) -> None:
+    # The same anatomy, perfectly aligned, under a smooth receive-field bias at the later session (as at
+    # 7 T): raw intensities correlate poorly (the old rule refused such a pair), the flattened ones do not.
+    from bids_cl.longitudinal.align import alignment_quality, correlation
+
+    before = _head()
+    x = np.linspace(-1.0, 1.0, SHAPE[0])[:, None, None] * np.ones(SHAPE)
+    after = (before * (1.0 + 0.6 * x)).astype(np.float32)
+    mask = (before > 0).astype(np.uint8)
+    b, m = _save(tmp_path, "b", before), _save(tmp_path, "m", mask)
+    a = _save(tmp_path, "a", after)
+    assert correlation(before, after, mask > 0) < 0.8
+    assert alignment_quality(b, m, a, m, np.eye(4)) > 0.85
+    # ... while a real misalignment (4 mm) still lowers it
+    moved = resample(before, AFFINE, AFFINE, SHAPE, np.linalg.inv(_rigid((0, 0, 0), (4.0, 0, 0))), order=1)
+    assert alignment_quality(b, m, _save(tmp_path, "moved", moved), m, np.eye(4)) < 0.8
+
+
 # --------------------------------------------------------------------------------- pair step
 
 
