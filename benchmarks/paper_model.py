@@ -30,7 +30,13 @@ What it does, for each field strength:
 5. checks the derivatives of docs/dev/architecture.md's layout are all there, the participant report
    ``sub-<label>.html`` exists, and the lesion table's fold-disagreement ``uncertainty`` is not all 0;
 6. prints per node: wall seconds (first to last sample in its folder), peak RSS GiB, sampled GiB, and
-   the declared ``mem_gb`` of ``bids_cl/workflows/base.py``.
+   the declared ``mem_gb`` of ``bids_cl/workflows/base.py``;
+7. with ``--isolated-segment N ...``: the segment node's function (``steps.segment_files``) alone on each
+   run's skull-stripped image, in a fresh process under ``/usr/bin/time -v``, with N threads (= N CPU
+   tile workers, at most 4: what any machine with 4 or more CPUs runs by default); ``--no-workflow``
+   does only this, on the folders of the last run:
+
+    python benchmarks/paper_model.py --fields 7T 3T --no-workflow --isolated-segment 4 2
 
 The run folders under ``--root`` are deleted and remade on each run (a reused work folder would make
 Nipype skip the cached nodes); the model and the phantoms are reused.
@@ -320,6 +326,26 @@ def finish(run: Run) -> int:
     return code
 
 
+def isolated_segment(work: Path, model: Path, threads: int, dest: Path) -> tuple[float, float]:
+    """``steps.segment_files`` on a finished run's skull-stripped image, in a fresh process under
+    ``/usr/bin/time -v``, with ``threads`` threads (so that many CPU tile workers, up to 4): (wall s, GiB)."""
+    strip = next(work.glob("bids_cl_wf/*/*/skullstrip"))
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    code = ("from bids_cl.interfaces.steps import segment_files; "
+            f"segment_files({str(strip / 'brain.nii.gz')!r}, {str(dest)!r}, model={str(model)!r}, "
+            f"mask_file={str(strip / 'brain_mask.nii.gz')!r}, device='cpu', nthreads={threads}, "
+            "model_verified=True)")
+    start = time.monotonic()
+    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True,
+                          text=True, check=True)
+    wall = time.monotonic() - start
+    kib = next(int(line.split(":")[1]) for line in done.stderr.splitlines()
+               if "Maximum resident set size" in line)
+    return wall, kib * 1024 / GIB
+
+
 def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / GIB:.2f}"
 
@@ -371,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--network", choices=("paper", "mid", "tiny"), default="paper",
                         help="benchmarks/inference.py's networks (tiny: a smoke test of this script)")
     parser.add_argument("--size", choices=("full", "tiny"), default="full", help="phantom size")
+    parser.add_argument("--isolated-segment", type=int, nargs="+", default=[], metavar="THREADS",
+                        help="afterwards, rerun the segment node's function alone under /usr/bin/time -v "
+                             "on each run's stripped image, once per thread count")
+    parser.add_argument("--no-workflow", action="store_true",
+                        help="do not run the workflow: only --isolated-segment on the last run's folders")
     args = parser.parse_args(argv)
 
     root = args.root.resolve()
@@ -392,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(Run(fs, bids, out, work, root / f"run_{fs}" / "bids_cl.log",
                         participant_command(bids, out, work, model, plugin_file, extra)))
 
-    pending, active, done = list(runs), [], []
+    pending, active, done = ([] if args.no_workflow else list(runs)), [], []
     while pending or active:
         while pending and len(active) < max(1, args.jobs):
             run = pending.pop(0)
@@ -423,10 +454,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"{t['folds']}, skull strip {t['skullstrip']}, OOD warning: {t['ood_warning']}")
         print(f"{run.field_strength}: derivatives and report "
               + ("complete" if not check["missing"] else f"MISSING {check['missing']}"), flush=True)
-    print()
-    print_table(rows)
+    isolated = []
+    for run in runs:
+        for threads in args.isolated_segment:
+            wall, peak = isolated_segment(run.work, model, threads, run.work.parent / "isolated_segment")
+            isolated.append({"field": run.field_strength, "threads": threads, "wall_s": round(wall, 1),
+                             "peak_rss_gib": round(peak, 3)})
+            print(f"{run.field_strength}: segment_files alone, {threads} thread(s): {wall:.0f} s, "
+                  f"peak RSS {peak:.2f} GiB (/usr/bin/time -v)", flush=True)
+    if rows:
+        print()
+        print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "checks": checks,
+        args.json.write_text(json.dumps({"rows": rows, "checks": checks, "isolated_segment": isolated,
                                          "commands": {r.field_strength: r.command for r in runs}},
                                         indent=2, default=str))
     return 0 if ok else 1
