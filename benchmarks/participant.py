@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -262,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in STAGES}
     for rep in range(args.repeats):
         w = root / f"rep{rep}"
+        if w.exists():  # a reused Nipype work folder would serve cached nodes: always start afresh
+            shutil.rmtree(w)
         strip = run_stage("skullstrip", {**common, "t1w": str(t1w), "inv2": str(inv2) if inv2 else None,
                                           "out": str(w / "strip")}, root)
         runs["skullstrip"].append(strip)
