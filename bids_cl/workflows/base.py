@@ -229,8 +229,10 @@ def init_template_wf(*, config: RunConfig, omp_nthreads: int, record: dict[str, 
     workflow.__desc__ = (
         f"Lesion maps were resampled to {', '.join(config.output_spaces)} after antspyx "
         f"({_package_version('antspyx')}; Avants et al., 2011) affine and SyN registration of the "
-        f"skull-stripped image (random seed {config.random_seed}"
-        + ("; coarse 'sloppy' schedule for testing" if config.sloppy else "") + ")."
+        f"skull-stripped image (random seed {config.random_seed}; "
+        + ("coarse 'sloppy' schedule for testing" if config.sloppy else
+           "estimated on a 2 mm working grid cropped to the head, 40x20 SyN iterations, applied at full "
+           "resolution") + ")."
     )
     recorded = dict(record or {})
     inputnode = pe.Node(IdentityInterface(fields=["brain", "lesion_mask", "probseg", "lesions"]),
