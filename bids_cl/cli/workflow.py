@@ -99,8 +99,10 @@ def _unrecorded_failure(item: WorkItem, crash_dir: Path) -> tuple[str, int, list
     """
     import re
 
+    from bids_cl.workflows.base import safe_name
+
     files = sorted(crash_dir.glob("crash-*")) if crash_dir.is_dir() else []
-    mine = [f for f in files if re.sub(r"[^0-9a-zA-Z]", "_", item.prefix) in f.name] or files
+    mine = [f for f in files if safe_name(item.prefix) in f.name] or files
     for crash in mine:
         lines = [ln.strip() for ln in crash.read_text(errors="replace").splitlines() if ln.strip()]
         errors = [ln for ln in lines if re.match(r"^[A-Za-z_.]+(Error|Exception)\b", ln)]
@@ -113,7 +115,7 @@ def _unrecorded_failure(item: WorkItem, crash_dir: Path) -> tuple[str, int, list
             "files)", EXIT_FAILURE, [str(f) for f in mine])
 
 
-def _outcome(config: RunConfig, item: WorkItem, log_dir: Path) -> TargetRecord:
+def _outcome(config: RunConfig, item: WorkItem) -> TargetRecord:
     """The target's record of this run (read, never inferred from which files exist)."""
     from bids_cl.workflows.base import nipype_crash_dir, record_file
 
@@ -191,7 +193,7 @@ def run_participants(config: RunConfig, items: list[WorkItem], problems: list[Wo
             LOGGER.debug("workflow finished with errors: %s", exc)
     elapsed = time.perf_counter() - start
 
-    outcomes = {item.prefix: _outcome(config, item, log_dirs[item.participant]) for item in items}
+    outcomes = {item.prefix: _outcome(config, item) for item in items}
     failures: list[tuple[WorkItem, str, int]] = []
     for item in problems:
         code = item.problem_code or EXIT_FAILURE

@@ -169,7 +169,7 @@ def sidecar_name(filename: str) -> str:
 
 def summary_glob() -> str:
     """Glob (below an ``anat`` folder) matching every target's summary."""
-    return "*" + OUTPUTS["summary"].name("", space=None)
+    return "*" + suffix_of("summary")
 
 
 def line_of(prefix: str) -> str:
@@ -179,7 +179,7 @@ def line_of(prefix: str) -> str:
 
 def prefix_of_summary(filename: str) -> str | None:
     """The target prefix of a summary file name, or None when it is not a summary."""
-    tail = OUTPUTS["summary"].name("", space=None)
+    tail = suffix_of("summary")
     return filename[: -len(tail)] if filename.endswith(tail) and len(filename) > len(tail) else None
 
 
@@ -340,6 +340,11 @@ CRASH_PREFIX = "crash-"               # crash-<prefix>.txt: one line per failed 
 def log_dir(output_dir: Path, participant: str, run_uuid: str) -> Path:
     """``output_dir/sub-<participant>/log/<run_uuid>``."""
     return Path(output_dir) / f"sub-{participant}" / LOG_DIR / run_uuid
+
+
+def record_path(run_log_dir: Path, name: str) -> Path:
+    """``<run log>/targets/<name>.json``: the record of one target (or one pair of sessions)."""
+    return Path(run_log_dir) / RECORDS_DIR / f"{name}.json"
 
 
 def crash_note_name(prefix: str) -> str:

@@ -313,7 +313,7 @@ def write_participant_log(output_dir: Path, participant: str, run_uuid: str, *,
 
 def write_target_record(log_dir: Path, record: TargetRecord) -> Path:
     """``<log_dir>/targets/<prefix>.json``: how the target ended (read by the runner)."""
-    return atomic_write_text(Path(log_dir) / spec.RECORDS_DIR / f"{record.prefix}.json", record.to_json())
+    return atomic_write_text(spec.record_path(log_dir, record.prefix), record.to_json())
 
 
 def write_crash_note(log_dir: Path, prefix: str, reason: str, code: int, crash_files: list[str]

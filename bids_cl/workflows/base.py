@@ -37,7 +37,8 @@ REGISTER_MEM_GB = 3  # antspyx SyN to the 1 mm template, 7T 0.75 mm: 1.8 GiB pea
 RESAMPLE_MEM_GB = 2  # 7T 0.75 mm lesion maps to the 1 mm template: 1.5 GiB peak RSS, +25 %
 
 
-def _safe_name(text: str) -> str:
+def safe_name(text: str) -> str:
+    """A Nipype node/workflow name for any label (letters and digits; the rest becomes _)."""
     return re.sub(r"[^0-9a-zA-Z]", "_", text)
 
 
@@ -50,8 +51,8 @@ def _package_version(name: str) -> str:
 
 def record_file(config: RunConfig, item: WorkItem) -> Path:
     """Where the target's :class:`~bids_cl.derivatives.records.TargetRecord` goes in this run's log."""
-    return (spec.log_dir(config.output_dir, item.participant, config.run_uuid) / spec.RECORDS_DIR
-            / f"{item.prefix}.json")
+    return spec.record_path(spec.log_dir(config.output_dir, item.participant, config.run_uuid),
+                            item.prefix)
 
 
 def nipype_crash_dir(config: RunConfig, participant: str) -> Path:
@@ -87,7 +88,7 @@ def init_bids_cl_wf(*, config: RunConfig, resolved: ResolvedRun, items: list[Wor
 def init_single_subject_wf(*, config: RunConfig, resolved: ResolvedRun, participant: str,
                            items: list[WorkItem], name: str | None = None) -> pe.Workflow:
     """All sessions and target images of one participant, each in its own branch."""
-    workflow = pe.Workflow(name=name or f"single_subject_{_safe_name(participant)}_wf")
+    workflow = pe.Workflow(name=name or f"single_subject_{safe_name(participant)}_wf")
     workflow.__desc__ = ("Each session and each T1-weighted image was processed separately (MS data "
                          "are longitudinal: sessions are never averaged).")
     crash_dir = nipype_crash_dir(config, participant)
@@ -102,7 +103,7 @@ def init_single_subject_wf(*, config: RunConfig, resolved: ResolvedRun, particip
     target_wfs: dict[str, pe.Workflow] = {}
     for item in items:
         target_wf = init_target_wf(config=config, resolved=resolved, item=item,
-                                   name=f"target_{_safe_name(item.prefix)}_wf")
+                                   name=f"target_{safe_name(item.prefix)}_wf")
         set_crash_dir(target_wf)
         workflow.add_nodes([target_wf])
         target_wfs[item.prefix] = target_wf
@@ -113,7 +114,7 @@ def init_single_subject_wf(*, config: RunConfig, resolved: ResolvedRun, particip
 
         for pair in plan_pairs(items)[0]:
             pair_wf = init_longitudinal_wf(config=config, resolved=resolved, pair=pair,
-                                           name=f"change_{_safe_name(pair.name)}_wf")
+                                           name=f"change_{safe_name(pair.name)}_wf")
             set_crash_dir(pair_wf)
             for side, item in (("before", pair.earlier), ("after", pair.later)):
                 for f in SESSION_FIELDS:

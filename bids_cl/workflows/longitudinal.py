@@ -27,8 +27,8 @@ SESSION_FIELDS = ("brain", "brain_mask", "lesion_mask", "probseg", "summary")
 
 def pair_record_file(config: RunConfig, pair: SessionPair) -> Path:
     """Where the pair's :class:`~bids_cl.derivatives.records.TargetRecord` goes in this run's log."""
-    return (spec.log_dir(config.output_dir, pair.later.participant, config.run_uuid) / spec.RECORDS_DIR
-            / f"{pair.name}.json")
+    return spec.record_path(spec.log_dir(config.output_dir, pair.later.participant, config.run_uuid),
+                            pair.name)
 
 
 def longitudinal_description(config: RunConfig) -> str:
