@@ -297,6 +297,17 @@ class LesionCrop:
     zooms: np.ndarray
 
 
+def _crop_geometry(img: Any, half_width_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """``img``'s voxel sizes, and half the side of a lesion close-up in its voxels (at least 4)."""
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    return zooms, np.maximum(np.ceil(half_width_mm / zooms), 4).astype(int)
+
+
+def _voxel_in(point: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The nearest voxel index to ``point`` inside a grid of ``shape``."""
+    return np.clip(np.round(point).astype(int), 0, np.array(shape) - 1)
+
+
 def lesion_crops(background: Any, mask: Any, lesions: pd.DataFrame, *, connectivity: int = 26,
                  half_width_mm: float = 15.0) -> list[LesionCrop]:
     """Find each table row's lesion in the mask and crop ``+-half_width_mm`` around it.
@@ -312,15 +323,14 @@ def lesion_crops(background: Any, mask: Any, lesions: pd.DataFrame, *, connectiv
     binary = np.asarray(mask_img.dataobj) > 0
     labels, _ = label_components(binary, connectivity)  # the engine's labelling
     boxes = ndimage.find_objects(labels)  # per-label bounding slices, computed once
-    zooms = np.asarray(mask_img.header.get_zooms()[:3], dtype=float)
-    half = np.maximum(np.ceil(half_width_mm / zooms), 4).astype(int)
+    zooms, half = _crop_geometry(mask_img, half_width_mm)
 
     crops = []
     for _, row in lesions.iterrows():
         centre = _lesion_voxel(row, raw_mask.affine, mask_img.affine)
         label = 0
         if centre is not None:
-            centre = np.clip(np.round(centre).astype(int), 0, np.array(binary.shape) - 1)
+            centre = _voxel_in(centre, binary.shape)
             label = int(labels[tuple(centre)])
             if label == 0:
                 # Non-convex lesion: the centroid falls outside it; take the nearest labelled voxel.
@@ -435,14 +445,13 @@ def change_crops(earlier_background: Any, later_background: Any, change_dseg: An
     else:
         earlier_les = np.zeros(codes.shape, bool)
     labels, _ = label_components(later_mask, connectivity)
-    zooms = np.asarray(grid.header.get_zooms()[:3], dtype=float)
-    half = np.maximum(np.ceil(half_width_mm / zooms), 4).astype(int)
+    zooms, half = _crop_geometry(grid, half_width_mm)
     crops = []
     for _, row in lesions.iterrows():
         centre = _lesion_voxel(row, raw.affine, grid.affine)
         label = 0
         if centre is not None:
-            centre = np.clip(np.round(centre).astype(int), 0, np.array(codes.shape) - 1)
+            centre = _voxel_in(centre, codes.shape)
             box = tuple(slice(max(0, x - 2), x + 3) for x in centre)
             values = labels[box][labels[box] > 0]
             label = int(labels[tuple(centre)]) or (int(np.bincount(values).argmax())
