@@ -150,6 +150,31 @@ def test_workflow_graph_has_a_branch_per_session_and_target(tmp_path: Path) -> N
     assert any("antspyx" in m for m in methods) and len(methods) == len(set(methods)) == 5
 
 
+def test_gpu_graph_keeps_cpu_slots_free_beside_the_segmentation(tmp_path: Path) -> None:
+    """On a GPU run the segment node is a GPU node holding GPU_NODE_CPUS CPU slots (it was all of them:
+    MultiProc could then run nothing beside it), and another participant's registration fits next to it."""
+    from bids_cl.utils.resources import GPU_NODE_CPUS
+
+    item = _item(tmp_path)
+    config = RunConfig(bids_dir=tmp_path / "bids", output_dir=tmp_path / "out",
+                       work_dir=tmp_path / "work", model="demo")
+    nprocs, omp = 16, 16 - GPU_NODE_CPUS  # what effective_cpus resolves for 16 CPUs and a GPU
+    resolved = ResolvedRun(device="cuda", nprocs=nprocs, omp_nthreads=omp, mem_mb=None, model="demo",
+                           random_seed=config.random_seed)
+    nodes = {n.fullname.rsplit(".", 1)[-1]: n
+             for n in init_bids_cl_wf(config=config, resolved=resolved, items=[item])._get_all_nodes()}  # noqa: SLF001
+    segment, register = nodes["segment"], nodes["register"]
+    assert segment.is_gpu_node() and not register.is_gpu_node()
+    assert segment.n_procs == segment.inputs.nthreads == GPU_NODE_CPUS
+    assert nodes["skullstrip"].n_procs == register.n_procs == omp
+    assert segment.n_procs + register.n_procs <= nprocs
+    cpu = ResolvedRun(device="cpu", nprocs=16, omp_nthreads=16, mem_mb=None, model="demo",
+                      random_seed=config.random_seed)
+    cpu_nodes = {n.fullname.rsplit(".", 1)[-1]: n
+                 for n in init_bids_cl_wf(config=config, resolved=cpu, items=[item])._get_all_nodes()}  # noqa: SLF001
+    assert cpu_nodes["segment"].n_procs == 16 and not cpu_nodes["segment"].is_gpu_node()
+
+
 def test_interrupted_nifti_write_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The old writer wrote an uncompressed .<name>.XXXX.nii next to the target and left it on a kill."""
     from bids_cl.utils.io import atomic_save_nifti

@@ -42,6 +42,18 @@ def test_explicit_options_win_but_stay_within_allocation(eight_cpus: None) -> No
     assert effective_cpus(3, 8, env=env) == (3, 3)  # threads never exceed processes
 
 
+def test_gpu_runs_leave_room_beside_the_segmentation_node(eight_cpus: None) -> None:
+    """On a GPU run the segment node holds GPU_NODE_CPUS slots; the default threads of every other step
+    leave them free, so MultiProc can run another participant's CPU step beside the GPU."""
+    from bids_cl.utils.resources import GPU_NODE_CPUS
+
+    plan = effective_cpus(env={}, gpu=True)
+    assert plan == (8, 8 - GPU_NODE_CPUS)
+    assert effective_cpus(8, 8, env={}, gpu=True) == (8, 8)  # an explicit --omp-nthreads wins
+    assert effective_cpus(2, env={}, gpu=True) == (2, 1)  # never below one thread
+    assert effective_cpus(env={}) == (8, 8)  # the CPU default is unchanged
+
+
 def test_never_more_than_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert effective_cpus(env={"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "32"}) == (2, 2)

@@ -56,7 +56,7 @@ def resolve_run(config: RunConfig) -> tuple[ResolvedRun, dict[str, Any]]:
 
         check_templates(config.output_spaces)
     device = resolve_device(config.device).type
-    nprocs, omp_nthreads = effective_cpus(config.nprocs, config.omp_nthreads)
+    nprocs, omp_nthreads = effective_cpus(config.nprocs, config.omp_nthreads, gpu=device == "cuda")
     resolved = ResolvedRun(device=device, nprocs=nprocs, omp_nthreads=omp_nthreads,
                            mem_mb=effective_mem_mb(config.mem_mb),
                            model=PUBLISHED_MODEL if config.model == "auto" else config.model,

@@ -389,13 +389,17 @@ def preprocess(predictor: nnUNetPredictor, array: np.ndarray, spacing: list[floa
 @torch.inference_mode()
 def fold_logits(predictor: nnUNetPredictor, parameters: list[dict[str, Any]], data: torch.Tensor
                 ) -> list[torch.Tensor]:
-    """Sliding-window logits of each fold (float32, CPU), in the preprocessed grid.
+    """Sliding-window logits of each fold (float32), in the preprocessed grid, left where they were
+    computed: on the GPU when the predictor works on the device (the export then runs there too), else
+    on the CPU.
 
     The same loop as ``nnUNetPredictor.predict_logits_from_preprocessed_data`` but keeping each fold's
     logits (for the fold-disagreement uncertainty) instead of only their running sum.
     """
     from torch._dynamo import OptimizedModule
 
+    keep_on = predictor.device if (predictor.device.type == "cuda"
+                                   and predictor.perform_everything_on_device) else torch.device("cpu")
     out = []
     for params in parameters:
         net = predictor.network
@@ -403,21 +407,92 @@ def fold_logits(predictor: nnUNetPredictor, parameters: list[dict[str, Any]], da
         target.load_state_dict(params)
         with quiet_stdout():
             logits = predictor.predict_sliding_window_return_logits(data)
-        out.append(logits.to("cpu", torch.float32))
+        out.append(logits.to(keep_on, torch.float32))
     return out
+
+
+def mean_logits(logits: list[torch.Tensor]) -> torch.Tensor:
+    """The fold ensemble as nnU-Net computes it (a running sum, then one division), without stacking
+    every fold into one more copy."""
+    if len(logits) == 1:
+        return logits[0]
+    total = logits[0].clone()
+    for more in logits[1:]:
+        total += more
+    return total / len(logits)
+
+
+def _lesion_channel(probabilities: Any) -> Any:
+    """P(lesion) from nnU-Net's class probabilities: 1 - P(background) when there are several lesion
+    classes, else the one lesion class."""
+    return 1.0 - probabilities[0] if probabilities.shape[0] > 2 else probabilities[1]
 
 
 def export_probabilities(predictor: nnUNetPredictor, logits: torch.Tensor, props: dict[str, Any],
                          nthreads: int) -> np.ndarray:
-    """nnU-Net's export (resample to the original shape, softmax, revert cropping): lesion probability
-    (1 - P(background)) as float32 in the reader's axis order."""
+    """nnU-Net's own export (resample to the original shape, softmax, revert cropping): lesion
+    probability as float32 in the reader's axis order. Runs on the CPU (nnU-Net resamples in float64)."""
     from nnunetv2.inference.export_prediction import (
         convert_predicted_logits_to_segmentation_with_correct_shape,
     )
 
     with quiet_stdout():
         _seg, probs = convert_predicted_logits_to_segmentation_with_correct_shape(
-            logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
+            logits.cpu(), predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
             props, return_probabilities=True, num_threads_torch=nthreads)
-    lesion = 1.0 - probs[0] if probs.shape[0] > 2 else probs[1]
-    return np.asarray(lesion, dtype=np.float32)
+    return np.asarray(_lesion_channel(probs), dtype=np.float32)
+
+
+def export_resampling(predictor: nnUNetPredictor, props: dict[str, Any], logits_shape: tuple[int, ...]
+                      ) -> str:
+    """How nnU-Net's export resamples these logits back: ``"none"`` (the grids match), ``"linear"``
+    (its default probability resampling, order 1 on all axes together: what ``lesion_probability``
+    reproduces) or ``"other"`` (separate-z, another order or a custom function: nnU-Net's own export
+    must run)."""
+    from nnunetv2.preprocessing.resampling.default_resampling import (
+        determine_do_sep_z_and_axis,
+        resample_data_or_seg_to_shape,
+    )
+
+    cm, pm = predictor.configuration_manager, predictor.plans_manager
+    target = [int(s) for s in props["shape_after_cropping_and_before_resampling"]]
+    if [int(s) for s in logits_shape[1:]] == target:
+        return "none"
+    fn = cm.resampling_fn_probabilities
+    kwargs = dict(getattr(fn, "keywords", {}) or {})
+    if getattr(fn, "func", None) is not resample_data_or_seg_to_shape or kwargs.get("is_seg", False) \
+            or int(kwargs.get("order", 3)) != 1:
+        return "other"
+    spacing = [props["spacing"][i] for i in pm.transpose_forward]
+    current_spacing = cm.spacing if len(cm.spacing) == len(target) else [spacing[0], *cm.spacing]
+    threshold = kwargs.get("separate_z_anisotropy_threshold")
+    extra = {} if threshold is None else {"separate_z_anisotropy_threshold": threshold}
+    separate_z, _axis = determine_do_sep_z_and_axis(kwargs.get("force_separate_z", False), current_spacing,
+                                                    spacing, **extra)
+    return "other" if separate_z else "linear"
+
+
+@torch.inference_mode()
+def lesion_probability(predictor: nnUNetPredictor, logits: torch.Tensor, props: dict[str, Any],
+                       nthreads: int) -> np.ndarray:
+    """The lesion probability of nnU-Net's export, computed where ``logits`` are (GPU or CPU), bringing
+    back only the lesion channel of the cropped box.
+
+    Same steps as ``export_probabilities``: order-1 resampling back to the cropped shape (trilinear with
+    half-voxel centres and clamped edges: skimage's ``resize(order=1, mode="edge")``, which nnU-Net uses,
+    computed in float32 instead of float64), nnU-Net's softmax, the lesion channel, un-cropping (outside the
+    box P(lesion) = 0, as nnU-Net's background = 1) and the reverse transpose. Where nnU-Net's export
+    resamples otherwise (separate z, another order), its own export runs.
+    """
+    if export_resampling(predictor, props, tuple(logits.shape)) == "other":
+        return export_probabilities(predictor, logits, props, nthreads)
+    target = tuple(int(s) for s in props["shape_after_cropping_and_before_resampling"])
+    logits = logits.float()
+    if tuple(logits.shape[1:]) != target:
+        logits = torch.nn.functional.interpolate(logits[None], size=target, mode="trilinear",
+                                                 align_corners=False)[0]
+    lesion = _lesion_channel(predictor.label_manager.apply_inference_nonlin(logits))
+    box = np.zeros([int(s) for s in props["shape_before_cropping"]], dtype=np.float32)
+    slices = tuple(slice(int(lo), int(hi)) for lo, hi in props["bbox_used_for_cropping"])
+    box[slices] = lesion.to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(box.transpose(predictor.plans_manager.transpose_backward))

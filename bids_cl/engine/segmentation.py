@@ -191,13 +191,15 @@ class CLSegmenter:
             t = time.perf_counter()
             back = lambda p: np.ascontiguousarray(  # noqa: E731
                 orient.to_input_order(orient.from_nnunet_array(p), plan), dtype=np.float32)
-            mean_logits = logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
-            probability = back(pred.export_probabilities(self.predictor, mean_logits, props, self.nthreads))
+            # The ensemble (nnU-Net's mean of fold logits) and each fold's export run where the logits
+            # are (on the GPU when there is one); only each lesion-probability map comes back.
+            mean_logits = pred.mean_logits(logits)
+            probability = back(pred.lesion_probability(self.predictor, mean_logits, props, self.nthreads))
             probability[~brain] = 0.0
             fold_probs = []
             if len(logits) > 1:
                 for fl in logits:
-                    p = back(pred.export_probabilities(self.predictor, fl, props, self.nthreads))
+                    p = back(pred.lesion_probability(self.predictor, fl, props, self.nthreads))
                     p[~brain] = 0.0
                     fold_probs.append(p)
             del logits, mean_logits

@@ -71,25 +71,40 @@ def slurm_cpus(env: Mapping[str, str] = os.environ) -> int | None:
     return _env_int(env, "SLURM_CPUS_PER_TASK") or _env_int(env, "SLURM_CPUS_ON_NODE")
 
 
+# CPU slots the segmentation node holds on a GPU run: its own CPU work is nnU-Net's preprocessing and
+# the lesion table (the sliding window, ensemble and export run on the device).
+GPU_NODE_CPUS = 2
+
+
 def effective_cpus(
     nprocs: int | None = None,
     omp_nthreads: int | None = None,
     env: Mapping[str, str] = os.environ,
+    *,
+    gpu: bool = False,
 ) -> CpuPlan:
     """(nprocs, omp_nthreads) from the options, else the Slurm allocation, else the CPU affinity.
 
     Neither number exceeds the CPUs this process may use: Slurm without task binding (task/none)
     lets a job see the whole node, so SLURM_CPUS_PER_TASK is the limit there, and the affinity mask
-    is the limit everywhere. omp_nthreads defaults to nprocs and never exceeds it: a participant's
-    targets go through the pipeline largely one step after another, and nnU-Net inference (the
-    longest step) scales with threads, so giving it the whole allocation is the fastest use of it.
+    is the limit everywhere. On the CPU omp_nthreads defaults to nprocs and never exceeds it: a
+    participant's targets go through the pipeline largely one step after another, and nnU-Net inference
+    (the longest step) scales with threads, so giving it the whole allocation is the fastest use of it.
+    On a GPU run (``gpu``) the default leaves ``GPU_NODE_CPUS`` slots free: the segmentation node holds
+    only those, and another participant's skull strip or registration then fits beside it, so the GPU
+    works while the CPUs do.
     """
     limit = available_cpus()
     allocated = slurm_cpus(env)
     if allocated is not None:
         limit = min(limit, allocated)
     procs = limit if nprocs is None else min(_positive_int(nprocs, "--nprocs"), limit)
-    threads = procs if omp_nthreads is None else _positive_int(omp_nthreads, "--omp-nthreads")
+    if omp_nthreads is not None:
+        threads = _positive_int(omp_nthreads, "--omp-nthreads")
+    elif gpu:
+        threads = max(1, procs - GPU_NODE_CPUS)
+    else:
+        threads = procs
     return CpuPlan(procs, min(threads, procs))
 
 

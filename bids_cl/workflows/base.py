@@ -28,6 +28,7 @@ from bids_cl.interfaces import (
     WriteDerivatives,
 )
 from bids_cl.utils.bids import WorkItem
+from bids_cl.utils.resources import GPU_NODE_CPUS
 
 # Declared memory of each node, in GB: what the scheduler reserves (MultiProc's memory_gb budget, a
 # cluster plugin's --mem). Measured peaks are in docs/engine.md and docs/preprocessing.md.
@@ -156,6 +157,10 @@ def init_target_wf(*, config: RunConfig, resolved: ResolvedRun, item: WorkItem,
         "ensemble probability above the threshold recorded in each image's summary."
     )
     nthreads = resolved.omp_nthreads
+    gpu = resolved.device == "cuda"
+    # On a GPU the segment node holds few CPU slots, so MultiProc keeps skull-stripping and
+    # registering other participants while the GPU works (utils.resources.GPU_NODE_CPUS).
+    segment_cpus = min(nthreads, GPU_NODE_CPUS) if gpu else nthreads
     record = str(record_file(config, item))
     recorded = {"record_file": record, "target_prefix": item.prefix}
     inputnode = pe.Node(IdentityInterface(fields=["t1w", "inv2"]), name="inputnode")
@@ -177,8 +182,8 @@ def init_target_wf(*, config: RunConfig, resolved: ResolvedRun, item: WorkItem,
         Segment(model=resolved.model, model_verified=True, device=resolved.device,
                 folds=config.folds, tta=False if config.disable_tta else None, threshold=config.threshold,
                 min_lesion_size=config.min_lesion_size, connectivity=config.connectivity,
-                nthreads=nthreads, use_gpu=resolved.device == "cuda", **recorded),
-        name="segment", n_procs=nthreads, mem_gb=SEGMENT_MEM_GB)
+                nthreads=segment_cpus, use_gpu=gpu, **recorded),
+        name="segment", n_procs=segment_cpus, mem_gb=SEGMENT_MEM_GB)
 
     datasink = pe.Node(
         WriteDerivatives(output_dir=str(config.output_dir), bids_dir=str(config.bids_dir),
