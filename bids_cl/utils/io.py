@@ -66,6 +66,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+NIFTI_GZIP_LEVEL = 1
+
+
 def atomic_save_nifti(img: Any, path: Path) -> Path:
     """Save a nibabel image atomically, with a deterministic gzip header (no timestamp, no name).
 
@@ -78,8 +81,11 @@ def atomic_save_nifti(img: Any, path: Path) -> Path:
 
     def _write(tmp: Path) -> None:
         if path.name.endswith(".gz"):
-            # mtime=0 and no file name in the header: byte-identical reruns.
-            with open(tmp, "wb") as dst, gzip.GzipFile(filename="", mode="wb", fileobj=dst, mtime=0) as gz:
+            # mtime=0 and no file name in the header: byte-identical reruns. Level 1, nibabel's own default:
+            # gzip's default 9 took 3-9x longer on float maps (1.3 s vs 0.15 s for a 1 mm brain) for files
+            # 2-9 % smaller.
+            with open(tmp, "wb") as dst, gzip.GzipFile(filename="", mode="wb", fileobj=dst, mtime=0,
+                                                        compresslevel=NIFTI_GZIP_LEVEL) as gz:
                 img.to_file_map(img.make_file_map({"image": gz, "header": gz}))
         else:
             img.to_filename(str(tmp))
