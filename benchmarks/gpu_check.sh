@@ -9,6 +9,7 @@
 #      the final mask agrees with stock nnU-Net on the GPU (tests/test_engine_export.py, test_engine_fast.py);
 #   2. the sliding window and end to end against stock nnUNetPredictor: paper-sized 5-fold model, TTA,
 #      1 mm brain, eager and torch.compile (benchmarks/inference.py);
+#      and the engine's export with the logits on the GPU against nnU-Net's (benchmarks/export.py);
 #   3. the whole participant against the stock chain on the GPU, paper-sized model (benchmarks/participant.py;
 #      targets: <= 20 s, segmentation stage >= 3x stock, mask disagreement <= 1e-4);
 #   4. 8 participants together against one at a time (benchmarks/throughput.py): the GPU overlapping the
@@ -33,6 +34,8 @@ step "2a. sliding window, paper net, 5 folds, TTA, eager" \
 step "2b. the same, torch.compile" \
     "$py" benchmarks/inference.py --network paper --volume brain --device cuda --folds 5 --tta --repeats 3 --compile --end-to-end \
     --json "$out/inference_compiled.json"
+step "2c. the export on the GPU against nnU-Net's (CPU) export" \
+    "$py" benchmarks/export.py --device cuda --threads 16
 step "3. whole participant, paper-sized model, GPU" \
     "$py" benchmarks/participant.py --model paper --device cuda --repeats 2 --root "$out/participant" \
     --json "$out/participant.json"

@@ -174,7 +174,7 @@ def classify_change(
 
     prior = {}
     if prob_before is not None and ids_a:
-        prob_before = np.asarray(prob_before, dtype=np.float64)
+        prob_before = np.asarray(prob_before, dtype=np.float32)  # a maximum is exact: no float64 copy
         sizes = label_sizes(after, max(ids_a))
         present = [i for i in ids_a if sizes[i - 1] > 0]
         if present:
