@@ -127,6 +127,8 @@ def channels_last_instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bi
     (2.7x faster on large maps: no fresh pages to fault in).
     """
     dims = (2, 3, 4)
+    if x.dtype != torch.float32:  # bf16 autocast: statistics in float32, as autocast runs group_norm
+        x, in_place = x.float(), True  # a fresh copy: nothing else holds it
     shift = x[:, :, ::4, ::4, ::4].mean(dims, keepdim=True)
     d = x.sub_(shift) if in_place else x - shift
     mean = d.mean(dims, keepdim=True)
