@@ -129,3 +129,21 @@ def test_module_imports_no_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                             check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_label_maxima_equals_scipy_on_the_whole_volume() -> None:
+    """The foreground-only maximum (no whole-volume argsort) gives ndimage.maximum's values exactly,
+    also for a label that is absent and for a subset of ids in any order."""
+    from bids_cl.utils.components import label_maxima
+
+    rng = np.random.default_rng(4)
+    values = rng.random((30, 32, 28)).astype(np.float32)
+    labels, n = label_components(rng.random((30, 32, 28)) > 0.93, 26)
+    assert n > 10
+    ids = np.arange(1, n + 1)
+    np.testing.assert_array_equal(label_maxima(values, labels, ids),
+                                  np.asarray(ndimage.maximum(values, labels, index=ids), dtype=np.float64))
+    subset = [n, 3, 1]
+    np.testing.assert_array_equal(label_maxima(values, labels, subset),
+                                  ndimage.maximum(values, labels, index=subset))
+    assert label_maxima(values, labels, []).shape == (0,)

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes run at once (default: the Slurm allocation or all CPUs "
                    "this process may use)")
     g.add_argument("--omp-nthreads", type=_positive_int, metavar="N",
-                   help="threads per process (torch, ANTs)")
+                   help="threads per process (torch, ANTs; default: --nprocs, and on a GPU run "
+                   "--nprocs minus the 2 the segmentation node holds)")
     g.add_argument("--mem-mb", "--mem_mb", "--mem", type=_positive_int, metavar="MB",
                    help="memory budget for the scheduler")
     g.add_argument("--use-plugin", "--nipype-plugin-file", type=Path, metavar="YAML",

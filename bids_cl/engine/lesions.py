@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from bids_cl.derivatives.records import SegmentationRecord
 from bids_cl.derivatives.spec import LESION_COLUMNS
@@ -15,6 +14,7 @@ from bids_cl.utils.components import (
     best_iou,
     label_bboxes,
     label_centroids,
+    label_maxima,
     label_sizes,
     overlap_pairs,
 )
@@ -52,7 +52,7 @@ def lesion_table(labels: np.ndarray, n: int, probability: np.ndarray, affine: np
     foreground = labels > 0
     prob = probability[foreground].astype(np.float64)
     mean_prob = np.bincount(labels[foreground], weights=prob, minlength=n + 1)[1:] / counts
-    max_prob = np.asarray(ndimage.maximum(probability, labels, index=np.arange(1, n + 1)), dtype=np.float64)
+    max_prob = label_maxima(probability, labels, np.arange(1, n + 1))
     bbox = label_bboxes(labels, n)
     table = pd.DataFrame({
         "lesion_id": np.arange(1, n + 1, dtype=np.int64),

@@ -31,7 +31,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from bids_cl.derivatives.spec import CHANGE_CODES, CHANGE_COLUMNS
-from bids_cl.utils.components import foreground_bbox, label_sizes, overlap_pairs
+from bids_cl.utils.components import foreground_bbox, label_maxima, label_sizes, overlap_pairs
 
 NEW, ENLARGING, STABLE, SHRINKING, DISAPPEARED = "new", "enlarging", "stable", "shrinking", "disappeared"
 NONE, MERGE, SPLIT = "none", "merge", "split"
@@ -174,12 +174,11 @@ def classify_change(
 
     prior = {}
     if prob_before is not None and ids_a:
-        prob_before = np.asarray(prob_before, dtype=np.float32)  # a maximum is exact: no float64 copy
         sizes = label_sizes(after, max(ids_a))
         present = [i for i in ids_a if sizes[i - 1] > 0]
         if present:
-            maxima = ndimage.maximum(prob_before, after, index=present)
-            prior = {i: float(m) for i, m in zip(present, np.atleast_1d(maxima), strict=True)}
+            maxima = label_maxima(prob_before, after, present)
+            prior = {i: float(m) for i, m in zip(present, maxima, strict=True)}
 
     rows: list[dict[str, Any]] = []
     result = ChangeResult(table=pd.DataFrame(columns=CORE_COLUMNS))

@@ -14,6 +14,7 @@ torch, so any layer may use it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,20 @@ def label_sizes(labels: np.ndarray, n_labels: int) -> np.ndarray:
     """Voxel count of each label 1..n_labels (int64)."""
     values = labels[labels > 0]  # only foreground voxels: far cheaper than a whole-volume bincount
     return np.bincount(values, minlength=n_labels + 1)[1 : n_labels + 1].astype(np.int64)
+
+
+def label_maxima(values: np.ndarray, labels: np.ndarray, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Maximum of ``values`` over each label in ``ids`` (float64; ``ndimage.maximum``'s result).
+
+    Computed on the foreground voxels only: ``ndimage.maximum`` on the whole volume argsorts every voxel
+    (3.7 s of a 0.5 mm image's 4 s lesion table; the foreground is a few thousand voxels).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size == 0:
+        return np.zeros(0, dtype=np.float64)
+    foreground = labels > 0
+    return np.atleast_1d(np.asarray(ndimage.maximum(np.asarray(values)[foreground], labels[foreground],
+                                                    index=ids), dtype=np.float64))
 
 
 def label_centroids(labels: np.ndarray, n_labels: int) -> np.ndarray:
