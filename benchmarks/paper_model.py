@@ -218,16 +218,19 @@ def bin_path(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def make_phantom(root: Path, field_strength: str, seed: int, size: str = "full") -> Path:
-    """One MP2RAGE participant (reused when present)."""
-    bids = root / f"phantom_{size}_{field_strength}_seed{seed}"
+def make_phantom(root: Path, field_strength: str, seed: int, size: str = "full",
+                 voxel_size: float | None = None) -> Path:
+    """One MP2RAGE participant (reused when present); ``voxel_size`` overrides the field's (e.g. 0.5)."""
+    grid = "" if voxel_size is None else f"_{voxel_size:g}mm"
+    bids = root / f"phantom_{size}_{field_strength}{grid}_seed{seed}"
     if (bids / "dataset_description.json").is_file():
         return bids
     if bids.exists():
         shutil.rmtree(bids)
+    extra = [] if voxel_size is None else ["--voxel-size", ",".join([f"{voxel_size:g}"] * 3)]
     subprocess.run([bin_path("bids_cl-synth"), str(bids), "--participants", "1", "--size", size,
                     "--field", field_strength, "--sequence", "mp2rage", "--seed", str(seed),
-                    "--lesion-free-fraction", "0", "-q"], check=True)
+                    "--lesion-free-fraction", "0", "-q", *extra], check=True)
     return bids
 
 
@@ -397,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--network", choices=("paper", "mid", "tiny"), default="paper",
                         help="benchmarks/inference.py's networks (tiny: a smoke test of this script)")
     parser.add_argument("--size", choices=("full", "tiny"), default="full", help="phantom size")
+    parser.add_argument("--voxel-size", type=float, default=None,
+                        help="phantom voxel size in mm instead of the field's (e.g. 0.5: 7T upsampled)")
     parser.add_argument("--isolated-segment", type=int, nargs="+", default=[], metavar="THREADS",
                         help="afterwards, rerun the segment node's function alone under /usr/bin/time -v "
                              "on each run's stripped image, once per thread count")
@@ -416,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for fs in args.fields:
         t0 = time.perf_counter()
-        bids = make_phantom(root, fs, args.seed, args.size)
+        bids = make_phantom(root, fs, args.seed, args.size, args.voxel_size)
         print(f"phantom {fs}: {bids} ({time.perf_counter() - t0:.0f} s)", flush=True)
         out, work = root / f"run_{fs}" / "out", root / f"run_{fs}" / "work"
         work.parent.mkdir(exist_ok=True)

@@ -34,8 +34,8 @@ from bids_cl.utils.resources import GPU_NODE_CPUS
 # cluster plugin's --mem). Measured peaks are in docs/engine.md and docs/preprocessing.md.
 SKULLSTRIP_MEM_GB = 6  # SynthStrip, one 1 mm image: 4.9 GiB peak RSS (docs/preprocessing.md)
 SEGMENT_MEM_GB = 12  # paper plans, 5 folds, 7T 0.75 mm, CPU, 4 tile workers: 9.6 GiB peak RSS, +25 %
-REGISTER_MEM_GB = 3  # antspyx SyN to the 1 mm template, 7T 0.75 mm: 1.8 GiB peak RSS (node + child), +25 %
-RESAMPLE_MEM_GB = 2  # 7T 0.75 mm lesion maps to the 1 mm template: 1.5 GiB peak RSS, +25 %
+REGISTER_MEM_GB = 4  # antspyx SyN, 7T at 0.5 mm: 3.21 GiB peak RSS (node + child), +25 %
+RESAMPLE_MEM_GB = 3  # 0.5 mm lesion maps to the 1 mm template: 2.21 GiB peak RSS, +25 %
 
 
 def safe_name(text: str) -> str:
