@@ -210,6 +210,14 @@ def make_phantom(root: Path, field: str, voxel_size: float | None, seed: int,
     return bids, uni[0], inv2[0] if inv2 else None
 
 
+def work_root(given: str | None, prefix: str) -> Path:
+    """The benchmark's work folder (kept and reused when given), with its own TemplateFlow home."""
+    root = Path(given) if given else Path(tempfile.mkdtemp(prefix=prefix))
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TEMPLATEFLOW_HOME", str(root / "templateflow"))
+    return root
+
+
 def paper_model(root: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from inference import make_model  # benchmarks/inference.py: random weights, the paper's plans
@@ -262,9 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     threads = args.threads or len(os.sched_getaffinity(0))
-    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="bids_cl_participant."))
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TEMPLATEFLOW_HOME", str(root / "templateflow"))
+    root = work_root(args.root, "bids_cl_participant.")
     bids, t1w, inv2 = make_phantom(root, args.field, args.voxel_size, args.seed, args.size)
     model = str(paper_model(root)) if args.model == "paper" else args.model
     from bids_cl.engine.models import load_model

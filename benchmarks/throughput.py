@@ -27,7 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -75,22 +74,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from bids_cl.synth import generate_dataset
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from participant import paper_model, work_root  # benchmarks/participant.py: the same model and setup
+
     nprocs = args.nprocs or len(os.sched_getaffinity(0))
-    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="bids_cl_throughput."))
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TEMPLATEFLOW_HOME", str(root / "templateflow"))
+    root = work_root(args.root, "bids_cl_throughput.")
     bids = root / "bids"
     if not (bids / "dataset_description.json").is_file():
         generate_dataset(bids, participants=args.participants, sessions=1, seed=args.seed, size=args.size,
                          sequence="mp2rage", lesion_free_fraction=0.0)
     labels = sorted(p.name.removeprefix("sub-") for p in bids.glob("sub-*") if p.is_dir())
-    if args.model == "paper":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from inference import make_model  # random weights, the paper's plans
-
-        model = str(make_model(root, "paper", folds=5, bg_bias=0.3))
-    else:
-        model = args.model
+    model = str(paper_model(root)) if args.model == "paper" else args.model
     common = ["--model", model, "--nprocs", str(nprocs), "--device", args.device]
     print(f"{len(labels)} participants ({args.size} MP2RAGE phantoms), model {args.model}, device "
           f"{args.device}, {nprocs} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
