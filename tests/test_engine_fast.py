@@ -151,3 +151,24 @@ def test_only_norms_fed_by_their_convolution_work_in_place() -> None:
     norms = [m for m in net.modules() if isinstance(m, _InstanceNormAsGroupNorm)]
     assert norms and all(m.in_place for m in norms)  # all inside ConvDropoutNormReLU
     assert isinstance(holder["loose"], _InstanceNormAsGroupNorm) and not holder["loose"].in_place
+
+
+def test_cpu_tile_workers_fit_the_memory_budget(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers = threads up to 4, fewer where their tiles (all feature maps in fp32) exceed a quarter of
+    the usable memory (at most 8 GB)."""
+    from bids_cl.engine import predictor as pred
+    from bids_cl.utils import resources
+
+    seg = CLSegmenter(model, device="cpu", nthreads=16)
+    fp = seg.predictor
+    per_tile = pred._tile_memory_bytes(fp.network, tuple(fp.configuration_manager.patch_size))
+    assert per_tile == int(fp.network.compute_conv_feature_map_size(
+        tuple(fp.configuration_manager.patch_size))) * 4
+    monkeypatch.setattr(resources, "effective_mem_mb", lambda *a, **k: 64_000)
+    assert fp._cpu_workers(100) == (4, 4)  # tiny tiles: threads decide
+    monkeypatch.setattr(pred, "_tile_memory_bytes", lambda net, patch: 1_840_000_000)  # a paper tile
+    assert fp._cpu_workers(100) == (4, 4)  # 8 GB hold 4
+    monkeypatch.setattr(resources, "effective_mem_mb", lambda *a, **k: 16_000)
+    assert fp._cpu_workers(100) == (2, 8)  # 4 GB hold 2
+    monkeypatch.setattr(resources, "effective_mem_mb", lambda *a, **k: 4_000)
+    assert fp._cpu_workers(100) == (1, 16)  # never fewer than one
