@@ -85,9 +85,10 @@ def register_files(brain_file: str, out_dir: str, *, space: str, seed: int, nthr
     start = time.perf_counter()
     out = Path(out_dir)
     template = get_template(space)
+    # Paths, not loaded images: the antspyx child reads the files as they are (images would be saved
+    # again into a temporary folder first, three gzip writes per registration).
     result = register_to_template(
-        nib.load(brain_file), nib.load(str(template.t1w)),
-        template_mask=nib.load(str(template.mask)) if template.mask else None,
+        brain_file, str(template.t1w), template_mask=str(template.mask) if template.mask else None,
         seed=seed, nthreads=nthreads, out_prefix=str(out / "reg_"), sloppy=sloppy,
     )
     info = {
