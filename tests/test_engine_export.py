@@ -1,7 +1,7 @@
 """The engine's own export (``predictor.lesion_probability``, the path that stays on the GPU) against
 nnU-Net's ``convert_predicted_logits_to_segmentation_with_correct_shape`` on the same logits.
 
-Runs on the CPU here; on CUDA the same torch code runs on the device (benchmarks/gpu_check.py).
+Runs on the CPU here; on CUDA the same torch code runs on the device (benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
