@@ -109,15 +109,14 @@ def timed(fn, device: torch.device, cpu_times: list[float] | None = None):
 def peak_rss_of_fast_run(model_dir: Path, image_path: Path, args: argparse.Namespace) -> float:
     """Peak resident memory (GB) of a fresh process that runs one bids_cl segmentation.
 
-    Its VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child of this benchmark
-    process (large by then) would report the benchmark's own RSS.
+    Read as participant.py's ``peak_rss_gb`` (VmHWM), not ru_maxrss: Linux carries ru_maxrss across
+    execve, so a child of this benchmark process (large by then) would report the benchmark's own RSS.
     """
     code = (
-        "import sys, torch; from bids_cl.engine import segment; "
+        f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+        "from participant import peak_rss_gb; from bids_cl.engine import segment; "
         f"r = segment({str(image_path)!r}, {str(model_dir)!r}, device={args.device!r}, "
-        f"tta={args.tta}, nthreads={args.threads}); "
-        "print([int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0]"
-        " / 1024 ** 2)"
+        f"tta={args.tta}, nthreads={args.threads}); print(peak_rss_gb())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

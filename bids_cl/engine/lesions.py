@@ -50,9 +50,9 @@ def lesion_table(labels: np.ndarray, n: int, probability: np.ndarray, affine: np
     centroid = label_centroids(labels, n)
     world = centroid @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
     foreground = labels > 0
-    prob = probability[foreground].astype(np.float64)
-    mean_prob = np.bincount(labels[foreground], weights=prob, minlength=n + 1)[1:] / counts
-    max_prob = label_maxima(probability, labels, np.arange(1, n + 1))
+    fg_labels, fg_prob = labels[foreground], probability[foreground]  # one pass over the volume
+    mean_prob = np.bincount(fg_labels, weights=fg_prob.astype(np.float64), minlength=n + 1)[1:] / counts
+    max_prob = label_maxima(fg_prob, fg_labels, np.arange(1, n + 1))
     bbox = label_bboxes(labels, n)
     table = pd.DataFrame({
         "lesion_id": np.arange(1, n + 1, dtype=np.int64),

@@ -51,6 +51,18 @@ def quiet_stdout():
         log.debug("nnU-Net: %s", text)
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """A 5-D tensor laid out channels-last (and not also contiguous, as a 1-channel one would be)."""
+    return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def logits_device(predictor: nnUNetPredictor) -> torch.device:
+    """Where a predictor's sliding window leaves the logits: on the GPU when it works on the device
+    (nnU-Net's ``perform_everything_on_device``), else on the CPU."""
+    on_device = predictor.device.type == "cuda" and predictor.perform_everything_on_device
+    return predictor.device if on_device else torch.device("cpu")
+
+
 class _MatmulHead(torch.nn.Module):
     """A 1x1x1 convolution computed as one matrix product (same maths, far faster on oneDNN CPUs).
 
@@ -66,7 +78,7 @@ class _MatmulHead(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
-        if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        if _is_channels_last(x):
             # Channels-last: the channels are the innermost axis already; no copy to (N, C, -1).
             w = self.weight.reshape(self.out_channels, self.in_channels).to(x.dtype)
             out = torch.matmul(x.permute(0, 2, 3, 4, 1), w.t())
@@ -109,7 +121,7 @@ class _InstanceNormAsGroupNorm(torch.nn.Module):
         self.in_place = in_place
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        if _is_channels_last(x):
             in_place = self.in_place and torch.is_inference_mode_enabled()
             return channels_last_instance_norm(x, self.weight, self.bias, self.eps, in_place=in_place)
         return torch.nn.functional.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
@@ -219,7 +231,8 @@ class FastPredictor(nnUNetPredictor):
         # stock; eager channels-last 0.9x, the instance norms then copy between layouts). CPU: oneDNN's
         # convolutions run channels-last without reordering every layer, and the instance norms stay
         # channels-last (channels_last_instance_norm): paper network, one tile, 1 thread, 8.1 s instead
-        # of 9.1 s, logits within 4e-5 of the contiguous path.
+        # of 9.1 s with the norm out of place, logits within 4e-5 of the contiguous path; in place (the
+        # default inside nnU-Net's blocks) the sliding window is 1.57x stock on 2 cores (docs/engine.md).
         if channels_last is None:
             channels_last = self.compile_network if cuda else True
         self.channels_last = channels_last
@@ -319,7 +332,7 @@ class FastPredictor(nnUNetPredictor):
         net = self._network()
         patch = tuple(self.configuration_manager.patch_size)
         cuda = self.device.type == "cuda"
-        results_device = self.device if (cuda and self.perform_everything_on_device) else torch.device("cpu")
+        results_device = logits_device(self)
         data, revert = pad_nd_image(input_image, patch, "constant", {"value": 0}, True, None)
         slicers = self._internal_get_sliding_window_slicers(data.shape[1:])
         if self.tile_mask is not None:
@@ -468,8 +481,7 @@ def fold_logits(predictor: nnUNetPredictor, parameters: list[dict[str, Any]], da
     """
     from torch._dynamo import OptimizedModule
 
-    keep_on = predictor.device if (predictor.device.type == "cuda"
-                                   and predictor.perform_everything_on_device) else torch.device("cpu")
+    keep_on = logits_device(predictor)
     out = []
     for params in parameters:
         net = predictor.network
