@@ -51,6 +51,35 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class PreparedImage:
+    """One image read, checked and preprocessed for the network (``CLSegmenter.prepare``)."""
+
+    img: nib.Nifti1Image                  # the input image (its grid and header are the outputs')
+    brain: np.ndarray                     # bool brain region on the input grid
+    plan: orient.Reorientation            # input order <-> the model's axis order
+    tensor: torch.Tensor | None           # nnU-Net's preprocessed (1, z, y, x) float32 input
+    tile_mask: torch.Tensor               # nnU-Net's non-zero region: tiles outside it are skipped
+    properties: dict[str, Any]            # nnU-Net's preprocessing properties (for the export)
+    ood: str | None                       # the intensity warning, if any
+    timings: dict[str, float]
+    started: float                        # perf_counter() when prepare began
+
+
+@dataclass
+class LesionProbabilities:
+    """The ensemble's and each fold's lesion probability on the input grid (``CLSegmenter.infer``)."""
+
+    img: nib.Nifti1Image
+    probability: np.ndarray               # float32, 0 outside the brain
+    folds: list[np.ndarray]               # one per fold when the model has several, else empty
+    ood: str | None
+    timings: dict[str, float]
+    started: float
+    tiles_run: int | None = None
+    tiles_total: int | None = None
+
+
 def _as_image(image: ImageLike, what: str) -> nib.spatialimages.SpatialImage:
     if isinstance(image, nib.spatialimages.SpatialImage):
         img = image
@@ -146,6 +175,14 @@ class CLSegmenter:
         return prov
 
     def segment(self, image: ImageLike, *, brain_mask: ImageLike | None = None) -> SegmentationResult:
+        """Segment one skull-stripped image: ``measure(infer(prepare(image)))`` with this segmenter's
+        threads (a shared worker runs the three stages of different images at once: engine/worker.py)."""
+        with _torch_threads(self.nthreads):
+            return self.measure(self.infer(self.prepare(image, brain_mask=brain_mask)))
+
+    def prepare(self, image: ImageLike, *, brain_mask: ImageLike | None = None) -> PreparedImage:
+        """Read, check and preprocess one image for the network (CPU work only; never touches the
+        predictor's state, so it may run while another image is on the device)."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
         img = _as_image(image, "image")
@@ -170,41 +207,56 @@ class CLSegmenter:
             log.warning("%s", ood)
         timings["load"] = time.perf_counter() - start
 
-        with _torch_threads(self.nthreads):
-            t = time.perf_counter()
-            plan = orient.plan_reorientation(img.affine, img.shape, img.header.get_zooms()[:3],
-                                             self.model.orientation)
-            array = orient.to_nnunet_array(orient.to_model_order(data, plan))
-            spacing = orient.nnunet_spacing(plan.model_zooms)
-            del data
-            tensor, seg, props = pred.preprocess(self.predictor, array, spacing)
-            del array
-            timings["preprocess"] = time.perf_counter() - t
+        t = time.perf_counter()
+        plan = orient.plan_reorientation(img.affine, img.shape, img.header.get_zooms()[:3],
+                                         self.model.orientation)
+        array = orient.to_nnunet_array(orient.to_model_order(data, plan))
+        spacing = orient.nnunet_spacing(plan.model_zooms)
+        del data
+        tensor, seg, props = pred.preprocess(self.predictor, array, spacing)
+        del array
+        timings["preprocess"] = time.perf_counter() - t
+        return PreparedImage(img=img, brain=brain, plan=plan, tensor=tensor,
+                             tile_mask=torch.from_numpy(seg[0] >= 0), properties=props, ood=ood,
+                             timings=timings, started=start)
 
-            t = time.perf_counter()
-            if isinstance(self.predictor, pred.FastPredictor):
-                self.predictor.tile_mask = torch.from_numpy(seg[0] >= 0)
-            logits = pred.fold_logits(self.predictor, self.parameters, tensor)
-            del tensor, seg
-            timings["predict"] = time.perf_counter() - t
+    def infer(self, prepared: PreparedImage) -> LesionProbabilities:
+        """The folds' sliding windows, the ensemble and the export (on the device when there is one):
+        the lesion probability of the ensemble and of each fold, on the input image's grid."""
+        timings = dict(prepared.timings)
+        t = time.perf_counter()
+        if isinstance(self.predictor, pred.FastPredictor):
+            self.predictor.tile_mask = prepared.tile_mask
+        logits = pred.fold_logits(self.predictor, self.parameters, prepared.tensor)
+        prepared.tensor = None  # the preprocessed image is not needed any more: free it now
+        timings["predict"] = time.perf_counter() - t
 
-            t = time.perf_counter()
-            back = lambda p: np.ascontiguousarray(  # noqa: E731
-                orient.to_input_order(orient.from_nnunet_array(p), plan), dtype=np.float32)
-            # The ensemble (nnU-Net's mean of fold logits) and each fold's export run where the logits
-            # are (on the GPU when there is one); only each lesion-probability map comes back.
-            mean_logits = pred.mean_logits(logits)
-            probability = back(pred.lesion_probability(self.predictor, mean_logits, props, self.nthreads))
-            probability[~brain] = 0.0
-            fold_probs = []
-            if len(logits) > 1:
-                for fl in logits:
-                    p = back(pred.lesion_probability(self.predictor, fl, props, self.nthreads))
-                    p[~brain] = 0.0
-                    fold_probs.append(p)
-            del logits, mean_logits
-            timings["export"] = time.perf_counter() - t
+        t = time.perf_counter()
+        plan, brain, props = prepared.plan, prepared.brain, prepared.properties
+        back = lambda p: np.ascontiguousarray(  # noqa: E731
+            orient.to_input_order(orient.from_nnunet_array(p), plan), dtype=np.float32)
+        # The ensemble (nnU-Net's mean of fold logits) and each fold's export run where the logits
+        # are (on the GPU when there is one); only each lesion-probability map comes back.
+        mean_logits = pred.mean_logits(logits)
+        probability = back(pred.lesion_probability(self.predictor, mean_logits, props, self.nthreads))
+        probability[~brain] = 0.0
+        fold_probs = []
+        if len(logits) > 1:
+            for fl in logits:
+                p = back(pred.lesion_probability(self.predictor, fl, props, self.nthreads))
+                p[~brain] = 0.0
+                fold_probs.append(p)
+        del logits, mean_logits
+        timings["export"] = time.perf_counter() - t
+        stats = dict(getattr(self.predictor, "last_stats", {}))
+        return LesionProbabilities(img=prepared.img, probability=probability, folds=fold_probs,
+                                   ood=prepared.ood, timings=timings, started=prepared.started,
+                                   tiles_run=stats.get("tiles_run"), tiles_total=stats.get("tiles"))
 
+    def measure(self, probabilities: LesionProbabilities) -> SegmentationResult:
+        """Threshold, size filter, lesion table and the record (CPU work only)."""
+        img, probability, fold_probs = probabilities.img, probabilities.probability, probabilities.folds
+        timings = dict(probabilities.timings)
         t = time.perf_counter()
         min_voxels = min_size_in_voxels(self.min_lesion_size, voxel_volume_ul(img.affine))
         labels, n = postprocess(probability, threshold=self.threshold, connectivity=self.connectivity,
@@ -213,10 +265,9 @@ class CLSegmenter:
                                    min_voxels=min_voxels) for p in fold_probs]
         table = lesion_table(labels, n, probability, img.affine, fold_labels)
         timings["lesions"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - start
+        timings["total"] = time.perf_counter() - probabilities.started
 
         provenance = self.provenance
-        stats = getattr(self.predictor, "last_stats", {})
         record = SegmentationRecord(
             threshold=float(self.threshold), threshold_source=self.threshold_source,
             connectivity=int(self.connectivity),
@@ -227,7 +278,8 @@ class CLSegmenter:
             threads=self.nthreads,
             precision=getattr(self.predictor, "precision", "fp16" if self.device.type == "cuda" else "fp32"),
             orientation={"input": "".join(nib.aff2axcodes(img.affine)), "model": self.model.orientation},
-            tiles_run=stats.get("tiles_run"), tiles_total=stats.get("tiles"), ood_warning=ood,
+            tiles_run=probabilities.tiles_run, tiles_total=probabilities.tiles_total,
+            ood_warning=probabilities.ood,
             warnings=[w for w in [provenance.get("warning")] if w] + list(self.warnings),
             provenance=provenance, timings={k: round(v, 3) for k, v in timings.items()},
         )
