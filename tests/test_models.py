@@ -460,3 +460,25 @@ def test_cpu_warning_names_no_missing_option(model_dir: Path, caplog: pytest.Log
     CLSegmenter(model_dir, device="cpu", nthreads=1)
     text = " ".join(r.getMessage() for r in caplog.records if "CPU" in r.getMessage())
     assert "without test-time mirroring" in text and "--tta" not in text and "tta=True" in text
+
+
+def test_cuda_check_does_not_poison_fork(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--device auto`` asks NVML, never the CUDA runtime: the runtime's check initialises CUDA in the
+    runner, and the MultiProc workers and the segmentation worker forked from it afterwards could not use
+    the GPU ("Cannot re-initialize CUDA in forked subprocess")."""
+    import torch
+
+    from bids_cl.engine import device
+
+    def runtime_check() -> int:
+        raise AssertionError("the CUDA runtime was asked: a process forked now could not use the GPU")
+
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    monkeypatch.setattr(torch.cuda, "_is_compiled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_initialized", False)
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: 1)  # NVML sees one GPU
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", runtime_check, raising=False)
+    assert device.resolve_device("auto") == torch.device("cuda")
+    assert device.resolve_device("cuda") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: 0)
+    assert device.resolve_device("auto") == torch.device("cpu")
