@@ -27,6 +27,11 @@ SKULL_STRIP_CHOICES = STRATEGIES  # one list, owned by the skull-stripping code
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
 CONNECTIVITY_CHOICES = (6, 18, 26)
 LONGITUDINAL_CHOICES = ("auto", "off")
+# auto: one shared segmentation worker on a GPU run whose Nipype plugin runs nodes on this machine,
+# else every segment node loads the model itself (bids_cl.engine.worker).
+SEGMENT_WORKER_CHOICES = ("auto", "shared", "node")
+# Nipype plugins that run nodes on this machine; every other one submits jobs to a cluster scheduler.
+IN_PROCESS_PLUGINS = ("MultiProc", "LegacyMultiProc", "Linear", "Debug")
 
 
 def _new_run_uuid() -> str:
@@ -70,6 +75,7 @@ class RunConfig:
     threshold: float | None = None  # None: the model's tuned threshold, else 0.5
     min_lesion_size: str | None = None
     connectivity: int = 26
+    segment_worker: str = "auto"
     # preprocessing
     skull_strip: str = "auto"
     synthstrip_model: Path | None = None
@@ -136,6 +142,8 @@ class ResolvedRun:
     mem_mb: int | None          # memory budget for the scheduler
     model: str                  # the verified model folder the segmentation nodes load
     random_seed: int
+    segment_worker: str = "node"  # "shared" | "node": what --segment-worker auto chose
+    worker_address: str | None = None  # the shared worker's socket while this run lasts
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -55,3 +55,13 @@ def output_error(exc: OSError) -> BidsClError | None:
     name = exc.filename or ""
     where = f" {name} (in {os.path.dirname(os.fspath(name)) or '.'})" if name else ""
     return BidsClError(f"cannot write{where}: {exc.strerror or exc}", EXIT_CANNOT_CREATE_OUTPUT)
+
+
+def as_bids_cl_error(exc: BaseException) -> BidsClError:
+    """The one-line ``BidsClError`` a failed step reports for ``exc``: itself when it is one; exit 73
+    when an OS error means the output cannot be written; else exit 1 naming the exception's type."""
+    if isinstance(exc, BidsClError):
+        return exc
+    if isinstance(exc, OSError):
+        return output_error(exc) or BidsClError(f"{type(exc).__name__}: {exc}", EXIT_FAILURE)
+    return BidsClError(f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILURE)

@@ -195,6 +195,21 @@ def test_graph_plugins_are_refused(mp2rage_dataset: Path, tmp_path: Path) -> Non
     assert err.value.code == 64 and "poll_sleep_duration" in err.value.message
 
 
+def test_shared_segment_worker_needs_a_local_plugin(mp2rage_dataset: Path, tmp_path: Path) -> None:
+    """A shared worker lives on the runner's machine: with SLURM the nodes would not reach it."""
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: SLURM\nplugin_args: {sbatch_args: --mem=2G}\n")
+    args = [str(mp2rage_dataset), str(tmp_path / "out"), "participant", "--use-plugin", str(plugin)]
+    with pytest.raises(BidsClError) as err:
+        parse_args([*args, "--segment-worker", "shared"])
+    assert err.value.code == 64 and "--segment-worker node" in err.value.message
+    assert parse_args([*args, "--segment-worker", "node"]).segment_worker == "node"
+    assert parse_args(args).segment_worker == "auto"
+    local = parse_args([str(mp2rage_dataset), str(tmp_path / "out"), "participant",
+                        "--segment-worker", "shared"])
+    assert local.segment_worker == "shared"
+
+
 def test_unknown_plugin_is_a_usage_error_before_any_work(tmp_path: Path) -> None:
     """A Nipype plugin that does not exist was exit 1 after preflight; it is a bad option (64), one line."""
     root = write_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": None})

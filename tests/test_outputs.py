@@ -175,6 +175,47 @@ def test_gpu_graph_keeps_cpu_slots_free_beside_the_segmentation(tmp_path: Path) 
     assert cpu_nodes["segment"].n_procs == 16 and not cpu_nodes["segment"].is_gpu_node()
 
 
+def test_shared_segment_worker_graph_and_scheduling(tmp_path: Path) -> None:
+    """--segment-worker: auto shares one worker on a GPU with a local plugin only; with it, each segment
+    node waits in one of WORKER_DEPTH GPU slots holding its share of the worker's CPUs and memory, and
+    knows the worker's address (not hashed: the cache survives a change of mode)."""
+    import dataclasses
+
+    from bids_cl.cli.workflow import plugin_settings, segment_worker_mode
+    from bids_cl.engine.worker import WORKER_DEPTH
+    from bids_cl.workflows.base import SEGMENT_MEM_GB
+
+    item = _item(tmp_path)
+    config = RunConfig(bids_dir=tmp_path / "bids", output_dir=tmp_path / "out",
+                       work_dir=tmp_path / "work", model="demo")
+    slurm = dataclasses.replace(config, plugin="SLURM")
+    assert segment_worker_mode(config, "cuda") == "shared"
+    assert segment_worker_mode(config, "cpu") == "node"
+    assert segment_worker_mode(slurm, "cuda") == "node"  # its jobs run on other machines
+    assert segment_worker_mode(dataclasses.replace(config, segment_worker="shared"), "cpu") == "shared"
+    assert segment_worker_mode(dataclasses.replace(config, segment_worker="node"), "cuda") == "node"
+
+    def segment_node(resolved: ResolvedRun):
+        return next(n for n in init_bids_cl_wf(config=config, resolved=resolved, items=[item])
+                    ._get_all_nodes() if n.fullname.endswith(".segment"))  # noqa: SLF001
+
+    base = ResolvedRun(device="cuda", nprocs=16, omp_nthreads=14, mem_mb=None, model="demo",
+                       random_seed=config.random_seed)
+    shared = dataclasses.replace(base, segment_worker="shared", worker_address="/tmp/x/segment.sock")
+    node, waiting = segment_node(base), segment_node(shared)
+    assert node.n_procs == 2 and node.mem_gb == SEGMENT_MEM_GB and not node.inputs.worker
+    assert waiting.is_gpu_node() and waiting.inputs.worker == "/tmp/x/segment.sock"
+    assert waiting.n_procs == 1 and waiting.mem_gb == SEGMENT_MEM_GB / WORKER_DEPTH
+    assert waiting.inputs.nthreads == node.inputs.nthreads  # the same engine settings either way
+    assert dict(waiting.inputs.get_hashval()[0]) == dict(node.inputs.get_hashval()[0])
+    assert plugin_settings(config, shared)[1]["n_gpu_procs"] == WORKER_DEPTH
+    assert plugin_settings(config, base)[1]["n_gpu_procs"] == 1
+    # on a CPU run a shared worker segments one image at a time, with the node's threads
+    cpu = dataclasses.replace(shared, device="cpu", omp_nthreads=16)
+    assert segment_node(cpu).n_procs == 16 and segment_node(cpu).is_gpu_node()
+    assert plugin_settings(config, cpu)[1]["n_gpu_procs"] == 1
+
+
 def test_interrupted_nifti_write_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The old writer wrote an uncompressed .<name>.XXXX.nii next to the target and left it on a kill."""
     from bids_cl.utils.io import atomic_save_nifti

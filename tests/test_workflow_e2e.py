@@ -301,3 +301,26 @@ def test_concurrent_participants_and_no_network(phantom: Path, model: str, env: 
         assert json.loads(summary.read_text())["Space"] == []
     leftovers = [p for p in out.rglob(".*") if p.is_file() and p.name != ".bidsignore"]
     assert leftovers == []  # no temporary files left behind
+
+
+def test_shared_segment_worker_gives_the_same_derivatives(first_run: dict, phantom: Path, model: str,
+                                                          env: dict[str, str], tmp_path: Path) -> None:
+    """--segment-worker shared (the default on a GPU) run here on the CPU: byte-identical derivatives
+    to the nodes segmenting by themselves, the model set up once for the run's four targets, and no
+    worker (nor its socket folder) left when the run ends."""
+    import re
+
+    out = tmp_path / "out"
+    proc = _run(_command(phantom, out, tmp_path / "work", model, "--segment-worker", "shared"), env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _derivative_snapshot(out) == _derivative_snapshot(first_run["out"])
+    timings = {}
+    for path in out.glob("sub-*/log/*/timings.json"):
+        timings.update(json.loads(path.read_text()))
+    set_up = [t["segment.load_model"] for t in timings.values()]
+    assert len(set_up) == len(PREFIXES) and sum(s > 0 for s in set_up) == 1
+    log = next(out.glob("sub-01/log/*/bids_cl.log")).read_text()
+    found = re.search(r"Shared segmentation worker \(pid (\d+)\) at (\S+)", log)
+    assert found, log[-2000:]
+    assert not Path(f"/proc/{found.group(1)}").exists()
+    assert not Path(found.group(2)).parent.exists()

@@ -17,7 +17,9 @@ from bids_cl.config import (
     CONNECTIVITY_CHOICES,
     DEFAULT_OUTPUT_SPACES,
     DEVICE_CHOICES,
+    IN_PROCESS_PLUGINS,
     LONGITUDINAL_CHOICES,
+    SEGMENT_WORKER_CHOICES,
     SKULL_STRIP_CHOICES,
     RunConfig,
     coerce_field,
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the model's tuned size (bids_cl-train's tune step), else keep all; 0 keeps all")
     g.add_argument("--connectivity", type=int, choices=CONNECTIVITY_CHOICES, default=26,
                    help="voxel neighbourhood that joins lesion voxels into one lesion")
+    g.add_argument("--segment-worker", choices=SEGMENT_WORKER_CHOICES, default="auto",
+                   help="shared: one process loads the model once for the whole run and segments the "
+                   "images one after the other, reading the next while the GPU works; node: each "
+                   "segmentation node loads the model itself (runs several at once on a CPU); auto: "
+                   "shared on a GPU with a local plugin (MultiProc, Linear), else node")
 
     g = parser.add_argument_group("Preprocessing")
     g.add_argument("--skull-strip", choices=SKULL_STRIP_CHOICES, default="auto",
@@ -238,6 +245,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "threshold": args.threshold,
         "min_lesion_size": args.min_lesion_size,
         "connectivity": args.connectivity,
+        "segment_worker": args.segment_worker,
         "skull_strip": args.skull_strip,
         "synthstrip_model": args.synthstrip_model,
         "output_spaces": [s for s in (args.output_spaces or []) if s not in ("native", "T1w")],
@@ -260,6 +268,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
             ChangeRules(**values["change_rules"])
         except ValueError as exc:
             raise BidsClError(f"--change-rules: {exc}", EXIT_USAGE) from None
+    if values["segment_worker"] == "shared" and values.get("plugin", "MultiProc") not in IN_PROCESS_PLUGINS:
+        raise BidsClError(f"--segment-worker shared needs a plugin that runs the nodes on this machine "
+                          f"({', '.join(IN_PROCESS_PLUGINS)}); {values['plugin']} jobs run elsewhere: use "
+                          "--segment-worker node (or auto)", EXIT_USAGE)
     if values["folds"] is not None and any(f < 0 for f in values["folds"]):
         raise BidsClError("--folds must be non-negative fold numbers", EXIT_USAGE)
     return RunConfig(bids_dir=bids_dir, output_dir=args.output_dir.expanduser().resolve(),

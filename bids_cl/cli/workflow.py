@@ -8,6 +8,7 @@ run), runs the graph with the chosen plugin, reads each target's
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import logging
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bids_cl.config import ResolvedRun, RunConfig
+from bids_cl.config import IN_PROCESS_PLUGINS, ResolvedRun, RunConfig
 from bids_cl.derivatives import spec, writer
 from bids_cl.derivatives.records import STATUS_FAILED, TargetRecord
 from bids_cl.errors import (
@@ -32,9 +33,6 @@ from bids_cl.errors import (
 from bids_cl.utils.bids import WorkItem
 
 LOGGER = logging.getLogger("bids_cl.workflow")
-
-# Plugins that run nodes on this machine; every other one submits jobs to a cluster scheduler.
-IN_PROCESS_PLUGINS = ("MultiProc", "LegacyMultiProc", "Linear", "Debug")
 
 
 def resolve_run(config: RunConfig) -> tuple[ResolvedRun, dict[str, Any]]:
@@ -60,12 +58,28 @@ def resolve_run(config: RunConfig) -> tuple[ResolvedRun, dict[str, Any]]:
     resolved = ResolvedRun(device=device, nprocs=nprocs, omp_nthreads=omp_nthreads,
                            mem_mb=effective_mem_mb(config.mem_mb),
                            model=PUBLISHED_MODEL if config.model == "auto" else config.model,
-                           random_seed=config.random_seed)
+                           random_seed=config.random_seed,
+                           segment_worker=segment_worker_mode(config, device))
     return resolved, model.provenance
+
+
+def segment_worker_mode(config: RunConfig, device: str) -> str:
+    """``"shared"`` or ``"node"``: what ``--segment-worker`` means for this run (bids_cl.engine.worker).
+
+    auto shares one worker on a GPU whose nodes run on this machine: the GPU segments one image at a
+    time either way, and the shared worker loads the model once and reads the next image meanwhile. On
+    a CPU several segment nodes may run at once, each with its own threads, so each loads its own.
+    """
+    if config.segment_worker != "auto":
+        return config.segment_worker
+    local = (config.plugin or "MultiProc") in IN_PROCESS_PLUGINS
+    return "shared" if device == "cuda" and local else "node"
 
 
 def plugin_settings(config: RunConfig, resolved: ResolvedRun) -> tuple[str, dict[str, Any]]:
     """The Nipype plugin and its arguments: the user's, completed with this run's resources."""
+    from bids_cl.engine.worker import WORKER_DEPTH
+
     plugin = config.plugin or "MultiProc"
     args = dict(config.plugin_args)
     if plugin in ("MultiProc", "LegacyMultiProc"):
@@ -79,7 +93,11 @@ def plugin_settings(config: RunConfig, resolved: ResolvedRun) -> tuple[str, dict
         # on the console. Python 3.14 makes forkserver the Linux default, so name fork explicitly.
         if "fork" in multiprocessing.get_all_start_methods():
             args.setdefault("mp_context", "fork")
-        if resolved.device == "cuda":
+        if resolved.segment_worker == "shared":
+            # Each segment node waits on the shared worker in a GPU slot: as many images at once as the
+            # worker's stages hold on a GPU (one preparing, one on the device, one measured), one on a CPU.
+            args.setdefault("n_gpu_procs", WORKER_DEPTH if resolved.device == "cuda" else 1)
+        elif resolved.device == "cuda":
             args.setdefault("n_gpu_procs", 1)
     return plugin, args
 
@@ -137,8 +155,6 @@ def run_participants(config: RunConfig, items: list[WorkItem], problems: list[Wo
     ``items`` are the usable targets, ``problems`` the targets discovery found unusable (each reported,
     none run). One failing target never stops the others; the process exits non-zero when any failed.
     """
-    from bids_cl.workflows.base import collect_methods, init_bids_cl_wf
-
     resolved, model_provenance = resolve_run(config)
     participants = sorted({i.participant for i in [*items, *problems]})
     try:
@@ -153,6 +169,39 @@ def run_participants(config: RunConfig, items: list[WorkItem], problems: list[Wo
     if resolved.device == "cpu" and config.device == "auto":
         LOGGER.warning("No CUDA device found: segmenting on the CPU (slower; test-time mirroring off, "
                        "as on every CPU run).")
+
+    worker = None
+    if resolved.segment_worker == "shared" and items:
+        worker = _start_segment_worker(resolved)
+        resolved = dataclasses.replace(resolved, segment_worker="shared" if worker else "node",
+                                       worker_address=worker.address if worker else None)
+    try:
+        return _run_graph(config, resolved, model_provenance, items, problems, participants,
+                          log_file=log_file, locks=locks)
+    finally:
+        if worker is not None:
+            worker.stop()
+
+
+def _start_segment_worker(resolved: ResolvedRun):  # -> WorkerHandle | None
+    from bids_cl.engine.worker import WorkerUnavailable, start_worker
+    from bids_cl.utils.resources import GPU_NODE_CPUS
+
+    nthreads = min(resolved.omp_nthreads, GPU_NODE_CPUS) if resolved.device == "cuda" \
+        else resolved.omp_nthreads
+    try:
+        worker = start_worker(nthreads=nthreads)
+    except WorkerUnavailable as exc:
+        LOGGER.warning("%s: each segmentation node loads the model itself", exc)
+        return None
+    LOGGER.info("Shared segmentation worker (pid %d) at %s", worker.process.pid, worker.address)
+    return worker
+
+
+def _run_graph(config: RunConfig, resolved: ResolvedRun, model_provenance: dict[str, Any],
+               items: list[WorkItem], problems: list[WorkItem], participants: list[str], *,
+               log_file: Path, locks: list[Any]) -> int:
+    from bids_cl.workflows.base import collect_methods, init_bids_cl_wf
 
     workflow = init_bids_cl_wf(config=config, resolved=resolved, items=items)
     try:

@@ -29,7 +29,7 @@ from bids_cl.derivatives.records import (
     SkullStripRecord,
     TargetRecord,
 )
-from bids_cl.errors import EXIT_FAILURE, BidsClError, output_error
+from bids_cl.errors import EXIT_FAILURE, as_bids_cl_error
 from bids_cl.interfaces import steps
 
 
@@ -50,18 +50,11 @@ class _RecordedInterface(SimpleInterface):
     def _run_interface(self, runtime):
         try:
             self._run_step(runtime)
-        except BidsClError as exc:
-            self._record_failure(exc.code, exc.message)
-            raise
-        except OSError as exc:
-            known = output_error(exc)
-            if known is None:
-                self._record_failure(EXIT_FAILURE, f"{type(exc).__name__}: {exc}")
-                raise
-            self._record_failure(known.code, known.message)
-            raise known from None
         except Exception as exc:
-            self._record_failure(EXIT_FAILURE, f"unexpected {type(exc).__name__}: {exc}")
+            failure = as_bids_cl_error(exc)
+            self._record_failure(failure.code, failure.message)
+            if isinstance(exc, OSError) and failure.code != EXIT_FAILURE:
+                raise failure from None  # the output cannot be written: say so, as the record does
             raise
         return runtime
 
@@ -133,6 +126,8 @@ class _SegmentInputSpec(_RecordedInputSpec):
     # Nipype's MultiProc counts a node as GPU work when its interface sets use_gpu: one GPU is then
     # never shared by two segmentation nodes (n_gpu_procs).
     use_gpu = traits.Bool(False, usedefault=True)
+    worker = traits.Str(nohash=True, desc="address of the run's shared segmentation worker "
+                        "(bids_cl.engine.worker); unset: this node loads the model itself")
 
 
 class _SegmentOutputSpec(TraitedSpec):
@@ -156,7 +151,7 @@ class Segment(_RecordedInterface):
             folds=self.inputs.folds, tta=self.inputs.tta, threshold=self.inputs.threshold,
             min_lesion_size=self.inputs.min_lesion_size,
             connectivity=int(self.inputs.connectivity), nthreads=self.inputs.nthreads,
-            model_verified=self.inputs.model_verified,
+            model_verified=self.inputs.model_verified, worker=_opt(self.inputs.worker),
         )
         self._results.update(out_probseg=files["probseg"], out_mask=files["mask"],
                              out_lesions=files["lesions"], out_info=files["info"])

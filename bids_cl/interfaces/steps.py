@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import pandas as pd
 from bids_cl.derivatives.records import SegmentationRecord, SkullStripRecord
 from bids_cl.derivatives.spec import TEMPLATE_COLUMNS
 from bids_cl.utils.io import atomic_save_nifti, atomic_write_json, atomic_write_text
+
+log = logging.getLogger("bids_cl.workflow")
 
 
 def skull_strip_files(
@@ -49,29 +52,45 @@ def segment_files(
     brain_file: str, out_dir: str, *, model: str, mask_file: str | None = None,
     device: str = "auto", folds: list[int] | None = None, tta: bool | None = None,
     threshold: float | None = None, min_lesion_size: str | None = None, connectivity: int = 26,
-    nthreads: int | None = None, model_verified: bool = False,
+    nthreads: int | None = None, model_verified: bool = False, worker: str | None = None,
 ) -> dict[str, str]:
     """Run the nnU-Net engine on a skull-stripped image; write probseg, mask, table and the record.
 
     ``model_verified``: the run's parent verified this model's lock (once per run), so it is not hashed
-    again here; its checkpoints are still read with the safe loader.
+    again here; its checkpoints are still read with the safe loader. ``worker``: the address of the
+    run's shared segmentation worker (``bids_cl.engine.worker``), which segments the image with the
+    model it loaded once; where it cannot be reached this node segments the image itself and the
+    target's warnings say so.
     """
-    from bids_cl.engine import load_model, segment
+    from bids_cl.engine.worker import SegmenterSettings, WorkerUnavailable, request_segmentation
 
     start = time.perf_counter()
     out = Path(out_dir)
-    cl_model = load_model(model, verify=not model_verified)
-    loaded = time.perf_counter() - start
-    result = segment(brain_file, cl_model, device=device, folds=folds, tta=tta, threshold=threshold,
-                     min_lesion_size=min_lesion_size, connectivity=connectivity, nthreads=nthreads,
-                     brain_mask=mask_file)
+    settings = SegmenterSettings(
+        model=model, device=device, folds=None if folds is None else tuple(folds), tta=tta,
+        threshold=threshold, min_lesion_size=min_lesion_size, connectivity=connectivity,
+        nthreads=nthreads, model_verified=model_verified)
+    result, fallback = None, None
+    if worker:
+        try:
+            result = request_segmentation(worker, settings, brain_file, mask_file)
+        except WorkerUnavailable as exc:
+            fallback = (f"the run's shared segmentation worker was not reachable ({exc}): this image "
+                        "was segmented by its own node")
+            log.warning("%s: %s", brain_file, fallback)
+    if result is None:
+        segmenter = settings.build()
+        loaded = time.perf_counter() - start
+        result = segmenter.segment(brain_file, brain_mask=mask_file)
+        result.record = dataclasses.replace(result.record, timings={
+            "load_model": round(loaded, 3), **result.record.timings})
     probseg = atomic_save_nifti(result.probability, out / "probseg.nii.gz")
     lesion_mask = atomic_save_nifti(result.mask, out / "lesion_mask.nii.gz")
     lesions_tsv = atomic_write_text(out / "lesions.tsv",
                                     result.lesions.to_csv(sep="\t", index=False))
-    record = dataclasses.replace(result.record, timings={
-        "load_model": round(loaded, 3), **result.record.timings,
-        "node": round(time.perf_counter() - start, 3)})
+    record = dataclasses.replace(
+        result.record, warnings=[*result.record.warnings, *([fallback] if fallback else [])],
+        timings={**result.record.timings, "node": round(time.perf_counter() - start, 3)})
     info_path = atomic_write_text(out / "segment.json", record.to_json())
     return {"probseg": str(probseg), "mask": str(lesion_mask), "lesions": str(lesions_tsv),
             "info": str(info_path)}

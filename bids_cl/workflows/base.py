@@ -20,6 +20,7 @@ from nipype.pipeline import engine as pe
 from bids_cl import __version__
 from bids_cl.config import ResolvedRun, RunConfig
 from bids_cl.derivatives import spec
+from bids_cl.engine.worker import WORKER_DEPTH
 from bids_cl.interfaces import (
     RegisterToTemplate,
     ResampleToTemplate,
@@ -161,6 +162,13 @@ def init_target_wf(*, config: RunConfig, resolved: ResolvedRun, item: WorkItem,
     # On a GPU the segment node holds few CPU slots, so MultiProc keeps skull-stripping and
     # registering other participants while the GPU works (utils.resources.GPU_NODE_CPUS).
     segment_cpus = min(nthreads, GPU_NODE_CPUS) if gpu else nthreads
+    segment_mem_gb = SEGMENT_MEM_GB
+    shared = resolved.segment_worker == "shared" and resolved.worker_address is not None
+    if shared and gpu:
+        # The node waits on the run's shared worker in one of its WORKER_DEPTH GPU slots; what it holds
+        # meanwhile is its share of the worker's CPUs and memory (bids_cl.engine.worker).
+        segment_cpus = max(1, segment_cpus // WORKER_DEPTH)
+        segment_mem_gb = SEGMENT_MEM_GB / WORKER_DEPTH
     record = str(record_file(config, item))
     recorded = {"record_file": record, "target_prefix": item.prefix}
     inputnode = pe.Node(IdentityInterface(fields=["t1w", "inv2"]), name="inputnode")
@@ -182,8 +190,12 @@ def init_target_wf(*, config: RunConfig, resolved: ResolvedRun, item: WorkItem,
         Segment(model=resolved.model, model_verified=True, device=resolved.device,
                 folds=config.folds, tta=False if config.disable_tta else None, threshold=config.threshold,
                 min_lesion_size=config.min_lesion_size, connectivity=config.connectivity,
-                nthreads=segment_cpus, use_gpu=gpu, **recorded),
-        name="segment", n_procs=segment_cpus, mem_gb=SEGMENT_MEM_GB)
+                nthreads=min(nthreads, GPU_NODE_CPUS) if gpu else nthreads,
+                # A node waiting on the shared worker takes a GPU slot on a CPU run too: one image at once.
+                use_gpu=gpu or shared, **recorded),
+        name="segment", n_procs=segment_cpus, mem_gb=segment_mem_gb)
+    if shared:
+        segment.inputs.worker = resolved.worker_address
 
     datasink = pe.Node(
         WriteDerivatives(output_dir=str(config.output_dir), bids_dir=str(config.bids_dir),
