@@ -249,3 +249,44 @@ def test_worker_ends_when_its_runner_is_killed() -> None:
         time.sleep(0.2)
     assert _gone(worker_pid)
     assert not Path(address).parent.exists()  # nor its socket and key
+
+
+_CUDA_SCRIPT = """
+import sys
+import numpy as np
+from bids_cl.engine import worker as W
+from bids_cl.engine.device import resolve_device
+
+model, images = sys.argv[1], sys.argv[2:]
+assert resolve_device("auto").type == "cuda"  # the runner's check, made before it forks the worker
+settings = W.SegmenterSettings(model=model, device="cuda", nthreads=2)
+with W.running_worker(nthreads=2) as handle:
+    shared = [W.request_segmentation(handle.address, settings, image) for image in images]
+alone = settings.build()  # CUDA in this process only now, after the fork
+for image, result in zip(images, shared):
+    expected = alone.segment(image)
+    a, b = (np.asanyarray(r.probability.dataobj) for r in (expected, result))
+    assert float(np.abs(a - b).max()) < 1e-4, float(np.abs(a - b).max())
+    assert np.mean(np.asanyarray(expected.mask.dataobj) != np.asanyarray(result.mask.dataobj)) <= 1e-4
+    assert result.record.device == "cuda"
+print("worker on the GPU: ok")
+"""
+
+
+def _cuda() -> bool:
+    from bids_cl.engine.device import cuda_available
+
+    return cuda_available()
+
+
+@pytest.mark.skipif(not _cuda(), reason="no CUDA GPU (benchmarks/gpu_check.sh)")
+def test_worker_on_the_gpu_forked_after_the_runners_device_check(model: str, images) -> None:
+    """In a fresh process, in the runner's order (device check, fork, CUDA in the worker): the shared
+    worker segments on the GPU what the process itself then segments there."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _CUDA_SCRIPT, model, *[b for b, _ in images]],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "worker on the GPU: ok" in proc.stdout
