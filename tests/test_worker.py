@@ -290,3 +290,49 @@ def test_worker_on_the_gpu_forked_after_the_runners_device_check(model: str, ima
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "worker on the GPU: ok" in proc.stdout
+
+
+def test_socket_folder_falls_back_to_tmp_when_the_temporary_folder_is_too_deep(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """HPC job folders ($TMPDIR) are often deeper than a Unix socket's 107 bytes allow."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(W.tempfile, "gettempdir", lambda: str(deep))
+    with W.running_worker(nthreads=1) as handle:
+        assert handle.address.startswith("/tmp/bids_cl-worker-")
+        assert len(handle.address) < 107
+
+
+def test_a_worker_that_cannot_start_is_one_line_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    def no_socket(*args, **kwargs):
+        raise OSError(98, "Address already in use")
+
+    monkeypatch.setattr(W.connection, "Listener", no_socket)  # the forked worker inherits it
+    with pytest.raises(W.WorkerUnavailable) as err:
+        W.start_worker(nthreads=1)
+    assert "did not start" in str(err.value) and "Address already in use" in str(err.value)
+    assert "Traceback" not in capfd.readouterr().err
+
+    def no_folder(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(W.tempfile, "mkdtemp", no_folder)
+    with pytest.raises(W.WorkerUnavailable) as err:
+        W.start_worker(nthreads=1)
+    assert "No space left on device" in str(err.value)
+
+
+def test_runner_goes_on_without_a_worker_that_cannot_start(monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    from bids_cl.cli import workflow
+    from bids_cl.config import ResolvedRun
+
+    def refuse(**kwargs):
+        raise W.WorkerUnavailable("the segmentation worker did not start (OSError: no socket)")
+
+    monkeypatch.setattr(W, "start_worker", refuse)
+    resolved = ResolvedRun(device="cpu", nprocs=2, omp_nthreads=2, mem_mb=None, model="demo",
+                           random_seed=1, segment_worker="shared")
+    assert workflow._start_segment_worker(resolved) is None
+    assert "each segmentation node loads the model itself" in caplog.text

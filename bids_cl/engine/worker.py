@@ -50,6 +50,7 @@ WORKER_DEPTH = 3
 _SOCKET_NAME = "segment.sock"
 _KEY_NAME = "key"
 _READY_TIMEOUT_S = 120.0
+_SOCKET_PATH_MAX = 107  # bytes of a Unix socket's path on Linux (sun_path, less its final NUL)
 _PARENT_POLL_S = 1.0
 
 
@@ -203,16 +204,22 @@ def _watch_parent(parent_pid: int, folder: Path) -> None:
 
 def _serve(address: str, authkey: bytes, ready: connection.Connection, parent_pid: int,
            nthreads: int | None) -> None:
-    import torch
+    try:
+        import torch
 
-    if nthreads:
-        torch.set_num_threads(int(nthreads))
-    # The runner's Ctrl-C handling is the runner's: the worker ends when it is told to, or orphaned.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_watch_parent, args=(parent_pid, Path(address).parent), daemon=True).start()
-    listener = connection.Listener(address, family="AF_UNIX", authkey=authkey)
-    pipeline = _Pipeline()
-    ready.send(os.getpid())
+        if nthreads:
+            torch.set_num_threads(int(nthreads))
+        # The runner's Ctrl-C handling is the runner's: the worker ends when told to, or when orphaned.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        threading.Thread(target=_watch_parent, args=(parent_pid, Path(address).parent),
+                         daemon=True).start()
+        listener = connection.Listener(address, family="AF_UNIX", authkey=authkey)
+        pipeline = _Pipeline()
+    except Exception as exc:  # noqa: BLE001 - told to the runner in one line, never a traceback
+        ready.send(("failed", f"{type(exc).__name__}: {exc}"))
+        ready.close()
+        os._exit(1)
+    ready.send(("ready", os.getpid()))
     ready.close()
     while True:
         try:
@@ -221,7 +228,7 @@ def _serve(address: str, authkey: bytes, ready: connection.Connection, parent_pi
             log.warning("segmentation worker: refused a client without the run's key")
             continue
         except OSError:
-            return
+            os._exit(0)
         threading.Thread(target=_serve_client, args=(conn, pipeline), daemon=True).start()
 
 
@@ -243,6 +250,21 @@ class WorkerHandle:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _private_folder() -> Path:
+    """A new folder of mode 0700 for the socket: in the temporary folder, else /tmp where its path would
+    be too long for a Unix socket (HPC job folders often are; the limit is 107 bytes on Linux)."""
+    tried = []
+    for base in dict.fromkeys([tempfile.gettempdir(), "/tmp"]):
+        if len(os.fsencode(base)) + len(_SOCKET_NAME) + 24 > _SOCKET_PATH_MAX:
+            tried.append(f"{base}: path too long for a socket")
+            continue
+        try:
+            return Path(tempfile.mkdtemp(prefix="bids_cl-worker-", dir=base))
+        except OSError as exc:
+            tried.append(f"{base}: {exc.strerror or exc}")
+    raise WorkerUnavailable("no folder for the segmentation worker's socket (" + "; ".join(tried) + ")")
+
+
 def start_worker(*, nthreads: int | None = None) -> WorkerHandle:
     """Fork the run's segmentation worker and wait until it listens.
 
@@ -251,12 +273,17 @@ def start_worker(*, nthreads: int | None = None) -> WorkerHandle:
     """
     import multiprocessing
 
-    folder = Path(tempfile.mkdtemp(prefix="bids_cl-worker-"))  # mode 0700: this user only
+    folder = _private_folder()
     address = str(folder / _SOCKET_NAME)
     authkey = secrets.token_bytes(32)
-    key_file = folder / _KEY_NAME
-    key_file.touch(mode=0o600)
-    key_file.write_bytes(authkey)
+    try:
+        key_file = folder / _KEY_NAME
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(authkey)
+    except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise WorkerUnavailable(f"cannot write the segmentation worker's key in {folder}: "
+                                f"{exc.strerror or exc}") from None
     context = multiprocessing.get_context("fork")
     ready_here, ready_there = context.Pipe(duplex=False)
     process = context.Process(target=_serve, name="bids_cl-segment-worker",
@@ -267,10 +294,12 @@ def start_worker(*, nthreads: int | None = None) -> WorkerHandle:
     try:
         if not ready_here.poll(_READY_TIMEOUT_S):
             raise WorkerUnavailable(f"the segmentation worker did not start in {_READY_TIMEOUT_S:.0f} s")
-        ready_here.recv()
+        state, detail = ready_here.recv()
+        if state != "ready":
+            raise WorkerUnavailable(detail)
     except (EOFError, OSError, WorkerUnavailable) as exc:
         handle.stop()
-        raise WorkerUnavailable(f"the segmentation worker did not start: {exc or 'it exited'}") from None
+        raise WorkerUnavailable(f"the segmentation worker did not start ({exc or 'it exited'})") from None
     finally:
         ready_here.close()
     return handle
