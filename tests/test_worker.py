@@ -214,8 +214,15 @@ def test_a_client_without_the_key_is_refused(model: str, images, worker) -> None
         with connection.Client(worker.address, family="AF_UNIX", authkey=b"not the run's key") as conn:
             conn.send(("segment", _settings(model), *images[0]))
             conn.recv()
-    assert W.request_segmentation(worker.address, _settings(model), *images[0]).mask is not None
     folder = Path(worker.address).parent
+    key = (folder / "key").read_bytes()
+    for malformed in (("segment",), ("shutdown", None, None, None), "not a tuple"):
+        with connection.Client(worker.address, family="AF_UNIX", authkey=key) as conn:
+            conn.send(malformed)
+            with pytest.raises((EOFError, OSError)):
+                assert conn.recv()[0] == "failed"  # refused with one line, or dropped
+                conn.recv()
+    assert W.request_segmentation(worker.address, _settings(model), *images[0]).mask is not None
     assert folder.stat().st_mode & 0o077 == 0  # the socket's folder is the run user's only
     assert (folder / "key").stat().st_mode & 0o077 == 0
 

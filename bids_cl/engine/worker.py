@@ -177,13 +177,13 @@ def _release_device_memory() -> None:
 def _serve_client(conn: connection.Connection, pipeline: _Pipeline) -> None:
     with conn:
         try:
-            kind, *payload = conn.recv()
-        except (EOFError, OSError, ValueError):
+            kind, settings, image, brain_mask = conn.recv()
+        except Exception:  # noqa: BLE001 - a malformed request is dropped, the worker keeps serving
             return
-        if kind != "segment":
-            conn.send(("failed", 1, f"the segmentation worker does not know the request '{kind}'"))
+        if kind != "segment" or not isinstance(settings, SegmenterSettings):
+            with contextlib.suppress(OSError):
+                conn.send(("failed", 1, f"the segmentation worker does not know the request {kind!r}"))
             return
-        settings, image, brain_mask = payload
         job = _Job(settings=settings, image=image, brain_mask=brain_mask)
         pipeline.to_prepare.put(job)
         job.done.wait()
