@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bids_cl.config import IN_PROCESS_PLUGINS, ResolvedRun, RunConfig
 from bids_cl.derivatives import spec, writer
@@ -31,6 +31,9 @@ from bids_cl.errors import (
     output_error,
 )
 from bids_cl.utils.bids import WorkItem
+
+if TYPE_CHECKING:
+    from bids_cl.engine.worker import WorkerHandle
 
 LOGGER = logging.getLogger("bids_cl.workflow")
 
@@ -183,7 +186,7 @@ def run_participants(config: RunConfig, items: list[WorkItem], problems: list[Wo
             worker.stop()
 
 
-def _start_segment_worker(resolved: ResolvedRun):  # -> WorkerHandle | None
+def _start_segment_worker(resolved: ResolvedRun) -> WorkerHandle | None:
     from bids_cl.engine.worker import WorkerUnavailable, start_worker
     from bids_cl.utils.resources import GPU_NODE_CPUS
 

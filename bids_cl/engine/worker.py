@@ -39,9 +39,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bids_cl.errors import BidsClError, as_bids_cl_error
+
+if TYPE_CHECKING:
+    from bids_cl.engine.segmentation import CLSegmenter, SegmentationResult
 
 log = logging.getLogger("bids_cl.engine")
 
@@ -72,7 +75,7 @@ class SegmenterSettings:
     nthreads: int | None = None
     model_verified: bool = False
 
-    def build(self):  # -> CLSegmenter
+    def build(self) -> CLSegmenter:
         """The configured segmenter (the model's lock is checked unless the run verified it already)."""
         from bids_cl.engine.models import load_model
         from bids_cl.engine.segmentation import CLSegmenter
@@ -316,7 +319,7 @@ def running_worker(*, nthreads: int | None = None) -> Iterator[WorkerHandle]:
 
 
 def request_segmentation(address: str, settings: SegmenterSettings, image: str,
-                         brain_mask: str | None = None):  # -> SegmentationResult
+                         brain_mask: str | None = None) -> SegmentationResult:
     """Segment ``image`` in the worker at ``address``; its result (the label image left out).
 
     The image's own failures come back as the ``BidsClError`` the node would have raised itself;
