@@ -214,6 +214,12 @@ def test_shared_segment_worker_graph_and_scheduling(tmp_path: Path) -> None:
     cpu = dataclasses.replace(shared, device="cpu", omp_nthreads=16)
     assert segment_node(cpu).n_procs == 16 and segment_node(cpu).is_gpu_node()
     assert plugin_settings(config, cpu)[1]["n_gpu_procs"] == 1
+    # ... and its cache is the node mode's (use_gpu, a scheduling hint, was hashed: a rerun in the other
+    # mode segmented every image again)
+    cpu_node = dataclasses.replace(cpu, segment_worker="node", worker_address=None)
+    assert not segment_node(cpu_node).is_gpu_node()
+    assert dict(segment_node(cpu).inputs.get_hashval()[0]) == \
+        dict(segment_node(cpu_node).inputs.get_hashval()[0])
 
 
 def test_interrupted_nifti_write_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -306,12 +306,13 @@ def test_concurrent_participants_and_no_network(phantom: Path, model: str, env: 
 def test_shared_segment_worker_gives_the_same_derivatives(first_run: dict, phantom: Path, model: str,
                                                           env: dict[str, str], tmp_path: Path) -> None:
     """--segment-worker shared (the default on a GPU) run here on the CPU: byte-identical derivatives
-    to the nodes segmenting by themselves, the model set up once for the run's four targets, and no
-    worker (nor its socket folder) left when the run ends."""
+    to the nodes segmenting by themselves, the model set up once for the run's four targets, no worker
+    (nor its socket folder) left when the run ends, and a rerun in the other mode finds every
+    segmentation cached."""
     import re
 
-    out = tmp_path / "out"
-    proc = _run(_command(phantom, out, tmp_path / "work", model, "--segment-worker", "shared"), env)
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = _run(_command(phantom, out, work, model, "--segment-worker", "shared"), env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _derivative_snapshot(out) == _derivative_snapshot(first_run["out"])
     timings = {}
@@ -324,3 +325,9 @@ def test_shared_segment_worker_gives_the_same_derivatives(first_run: dict, phant
     assert found, log[-2000:]
     assert not Path(f"/proc/{found.group(1)}").exists()
     assert not Path(found.group(2)).parent.exists()
+    # The other mode reuses the cache: no image is segmented again.
+    segmented = {p: p.stat().st_mtime_ns for p in work.glob("**/segment/probseg.nii.gz")}
+    assert len(segmented) == len(PREFIXES)
+    rerun = _run(_command(phantom, out, work, model, "--segment-worker", "node"), env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in segmented} == segmented

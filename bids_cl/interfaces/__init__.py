@@ -124,8 +124,9 @@ class _SegmentInputSpec(_RecordedInputSpec):
     connectivity = traits.Enum(26, 18, 6, usedefault=True)
     nthreads = traits.Int(1, usedefault=True)
     # Nipype's MultiProc counts a node as GPU work when its interface sets use_gpu: one GPU is then
-    # never shared by two segmentation nodes (n_gpu_procs).
-    use_gpu = traits.Bool(False, usedefault=True)
+    # never shared by two segmentation nodes (n_gpu_procs). A scheduling hint, so not hashed: the
+    # results do not depend on it (the device does, and is hashed).
+    use_gpu = traits.Bool(False, usedefault=True, nohash=True)
     worker = traits.Str(nohash=True, desc="address of the run's shared segmentation worker "
                         "(bids_cl.engine.worker); unset: this node loads the model itself")
 
