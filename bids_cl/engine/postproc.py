@@ -66,5 +66,12 @@ def postprocess(probability: np.ndarray, *, threshold: float = 0.5,
                 connectivity: int = DEFAULT_CONNECTIVITY,
                 min_voxels: int | None = None) -> tuple[np.ndarray, int]:
     """Threshold, label and size-filter: (lesion labels int32, number of lesions)."""
-    labels, n = label_components(threshold_probability(probability, threshold), connectivity)
+    return postprocess_mask(threshold_probability(probability, threshold), connectivity=connectivity,
+                            min_voxels=min_voxels)
+
+
+def postprocess_mask(mask: np.ndarray, *, connectivity: int = DEFAULT_CONNECTIVITY,
+                     min_voxels: int | None = None) -> tuple[np.ndarray, int]:
+    """Label and size-filter an already thresholded mask (``threshold_probability``'s output)."""
+    labels, n = label_components(mask, connectivity)
     return remove_small_components(labels, n, min_voxels)
