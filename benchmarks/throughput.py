@@ -51,32 +51,24 @@ def run_cli(args: list[str]) -> float:
     return wall
 
 
-def stage_seconds(out: Path) -> dict[str, float]:
-    """Seconds per stage summed over every target record of the run in ``out``."""
+def summed_timings(out: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds summed over every target record of the run in ``out``: per stage (registrations to any
+    space as ``register``), and per part of the segmentation (``segment.load_model``,
+    ``segment.worker_wait``, ... without the prefix; already counted in its stage)."""
     from bids_cl.derivatives import spec
 
-    totals: dict[str, float] = {}
-    for record in sorted(out.glob(f"sub-*/log/*/{spec.RECORDS_DIR}/*.json")):
-        for stage, seconds in (json.loads(record.read_text()).get("timings") or {}).items():
-            if "." in stage:  # segment.predict etc.: parts of a stage already counted
-                continue
-            key = "register" if stage.startswith("register") else stage
-            totals[key] = totals.get(key, 0.0) + float(seconds)
-    return totals
-
-
-def segment_parts(out: Path) -> dict[str, float]:
-    """The segmentation's own parts (``segment.load_model``, ``segment.worker_wait``, ...) summed over
-    every target record of the run in ``out``."""
-    from bids_cl.derivatives import spec
-
-    totals: dict[str, float] = {}
+    stages: dict[str, float] = {}
+    segment_parts: dict[str, float] = {}
     for record in sorted(out.glob(f"sub-*/log/*/{spec.RECORDS_DIR}/*.json")):
         for stage, seconds in (json.loads(record.read_text()).get("timings") or {}).items():
             if stage.startswith("segment."):
-                key = stage.removeprefix("segment.")
-                totals[key] = totals.get(key, 0.0) + float(seconds)
-    return totals
+                totals, key = segment_parts, stage.removeprefix("segment.")
+            elif "." in stage:
+                continue
+            else:
+                totals, key = stages, "register" if stage.startswith("register") else stage
+            totals[key] = totals.get(key, 0.0) + float(seconds)
+    return stages, segment_parts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = root / f"together-{mode}"
         together = run_cli([str(bids), str(folder / "out"), "participant", "-w", str(folder / "work"),
                             "--segment-worker", mode, *common])
-        stages = stage_seconds(folder / "out")
-        parts = segment_parts(folder / "out")
+        stages, parts = summed_timings(folder / "out")
         run = {
             "wall_s": round(together, 1), "per_hour": round(n * 3600 / together, 1),
             "ratio_to_one_at_a_time": round(alone / together, 2),

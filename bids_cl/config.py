@@ -34,6 +34,11 @@ SEGMENT_WORKER_CHOICES = ("auto", "shared", "node")
 IN_PROCESS_PLUGINS = ("MultiProc", "LegacyMultiProc", "Linear", "Debug")
 
 
+def is_local_plugin(plugin: str | None) -> bool:
+    """Whether the Nipype plugin runs the nodes on this machine (unset: MultiProc, the default)."""
+    return (plugin or "MultiProc") in IN_PROCESS_PLUGINS
+
+
 def _new_run_uuid() -> str:
     # Sortable by time, unique across concurrent array tasks writing into one output folder.
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")

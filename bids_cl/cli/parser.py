@@ -23,6 +23,7 @@ from bids_cl.config import (
     SKULL_STRIP_CHOICES,
     RunConfig,
     coerce_field,
+    is_local_plugin,
 )
 from bids_cl.errors import EXIT_UNKNOWN_LEVEL, EXIT_USAGE, BidsClError
 from bids_cl.utils.cli import UsageParser
@@ -268,7 +269,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
             ChangeRules(**values["change_rules"])
         except ValueError as exc:
             raise BidsClError(f"--change-rules: {exc}", EXIT_USAGE) from None
-    if values["segment_worker"] == "shared" and values.get("plugin", "MultiProc") not in IN_PROCESS_PLUGINS:
+    if values["segment_worker"] == "shared" and not is_local_plugin(values.get("plugin")):
         raise BidsClError(f"--segment-worker shared needs a plugin that runs the nodes on this machine "
                           f"({', '.join(IN_PROCESS_PLUGINS)}); {values['plugin']} jobs run elsewhere: use "
                           "--segment-worker node (or auto)", EXIT_USAGE)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bids_cl.config import IN_PROCESS_PLUGINS, ResolvedRun, RunConfig
+from bids_cl.config import ResolvedRun, RunConfig, is_local_plugin
 from bids_cl.derivatives import spec, writer
 from bids_cl.derivatives.records import STATUS_FAILED, TargetRecord
 from bids_cl.errors import (
@@ -75,8 +75,7 @@ def segment_worker_mode(config: RunConfig, device: str) -> str:
     """
     if config.segment_worker != "auto":
         return config.segment_worker
-    local = (config.plugin or "MultiProc") in IN_PROCESS_PLUGINS
-    return "shared" if device == "cuda" and local else "node"
+    return "shared" if device == "cuda" and is_local_plugin(config.plugin) else "node"
 
 
 def plugin_settings(config: RunConfig, resolved: ResolvedRun) -> tuple[str, dict[str, Any]]:
@@ -96,7 +95,7 @@ def plugin_settings(config: RunConfig, resolved: ResolvedRun) -> tuple[str, dict
         # on the console. Python 3.14 makes forkserver the Linux default, so name fork explicitly.
         if "fork" in multiprocessing.get_all_start_methods():
             args.setdefault("mp_context", "fork")
-        if resolved.segment_worker == "shared":
+        if resolved.worker_address is not None:
             # Each segment node waits on the shared worker in a GPU slot: as many images at once as the
             # worker's stages hold on a GPU (one preparing, one on the device, one measured), one on a CPU.
             args.setdefault("n_gpu_procs", WORKER_DEPTH if resolved.device == "cuda" else 1)
@@ -188,12 +187,11 @@ def run_participants(config: RunConfig, items: list[WorkItem], problems: list[Wo
 
 def _start_segment_worker(resolved: ResolvedRun) -> WorkerHandle | None:
     from bids_cl.engine.worker import WorkerUnavailable, start_worker
-    from bids_cl.utils.resources import GPU_NODE_CPUS
+    from bids_cl.utils.resources import segment_threads
 
-    nthreads = min(resolved.omp_nthreads, GPU_NODE_CPUS) if resolved.device == "cuda" \
-        else resolved.omp_nthreads
     try:
-        worker = start_worker(nthreads=nthreads)
+        worker = start_worker(nthreads=segment_threads(resolved.omp_nthreads,
+                                                       gpu=resolved.device == "cuda"))
     except WorkerUnavailable as exc:
         LOGGER.warning("%s: each segmentation node loads the model itself", exc)
         return None
@@ -230,8 +228,8 @@ def _run_graph(config: RunConfig, resolved: ResolvedRun, model_provenance: dict[
     # How often Nipype checks on running nodes. Locally that is cheap; on a cluster each check is a
     # squeue/qstat call per job, which schedulers ask users to keep rare.
     workflow.config["execution"]["poll_sleep_duration"] = float(plugin_args.pop(
-        "poll_sleep_duration", 0.2 if plugin in IN_PROCESS_PLUGINS else 10.0))
-    if plugin not in IN_PROCESS_PLUGINS:
+        "poll_sleep_duration", 0.2 if is_local_plugin(plugin) else 10.0))
+    if not is_local_plugin(plugin):
         # Nipype's cluster plugins (SLURM, SGE, PBS, LSF, OAR) name each job after os.environ["LOGNAME"]
         # and raise KeyError where it is unset (containers, cron, some batch shells).
         os.environ.setdefault("LOGNAME", _user_name())

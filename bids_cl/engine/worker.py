@@ -110,10 +110,12 @@ class _Pipeline:
         self.to_measure: queue.Queue[_Job] = queue.Queue()
         self._segmenters: dict[SegmenterSettings, Any] = {}
         self._lock = threading.Lock()
-        for name, source, stage in (("prepare", self.to_prepare, self._prepare),
-                                    ("infer", self.to_infer, self._infer),
-                                    ("measure", self.to_measure, self._measure)):
-            threading.Thread(target=self._loop, args=(source, stage), name=f"bids_cl-{name}",
+        for name, source, stage, on_failure in (
+                ("prepare", self.to_prepare, self._prepare, None),
+                # a CUDA out-of-memory must not fail the next image too
+                ("infer", self.to_infer, self._infer, _release_device_memory),
+                ("measure", self.to_measure, self._measure, None)):
+            threading.Thread(target=self._loop, args=(source, stage, on_failure), name=f"bids_cl-{name}",
                              daemon=True).start()
 
     def _segmenter(self, job: _Job) -> Any:
@@ -126,15 +128,15 @@ class _Pipeline:
         return segmenter
 
     @staticmethod
-    def _loop(source: queue.Queue[_Job], stage) -> None:
+    def _loop(source: queue.Queue[_Job], stage, on_failure) -> None:
         while True:
             job = source.get()
             start = time.perf_counter()
             try:
                 following = stage(job)
             except Exception as exc:  # noqa: BLE001 - the image's failure goes back to its node
-                if stage.__name__ == "_infer":
-                    _release_device_memory()  # a CUDA out-of-memory must not fail the next image too
+                if on_failure is not None:
+                    on_failure()
                 job.failure = as_bids_cl_error(exc)
                 job.stage_input = None
                 job.done.set()

@@ -70,7 +70,7 @@ def segment_files(
         model=model, device=device, folds=None if folds is None else tuple(folds), tta=tta,
         threshold=threshold, min_lesion_size=min_lesion_size, connectivity=connectivity,
         nthreads=nthreads, model_verified=model_verified)
-    result, fallback = None, None
+    result, fallback, set_up = None, None, {}
     if worker:
         try:
             result = request_segmentation(worker, settings, brain_file, mask_file)
@@ -80,17 +80,15 @@ def segment_files(
             log.warning("%s: %s", brain_file, fallback)
     if result is None:
         segmenter = settings.build()
-        loaded = time.perf_counter() - start
+        set_up = {"load_model": round(time.perf_counter() - start, 3)}  # the worker reports its own
         result = segmenter.segment(brain_file, brain_mask=mask_file)
-        result.record = dataclasses.replace(result.record, timings={
-            "load_model": round(loaded, 3), **result.record.timings})
     probseg = atomic_save_nifti(result.probability, out / "probseg.nii.gz")
     lesion_mask = atomic_save_nifti(result.mask, out / "lesion_mask.nii.gz")
     lesions_tsv = atomic_write_text(out / "lesions.tsv",
                                     result.lesions.to_csv(sep="\t", index=False))
     record = dataclasses.replace(
         result.record, warnings=[*result.record.warnings, *([fallback] if fallback else [])],
-        timings={**result.record.timings, "node": round(time.perf_counter() - start, 3)})
+        timings={**set_up, **result.record.timings, "node": round(time.perf_counter() - start, 3)})
     info_path = atomic_write_text(out / "segment.json", record.to_json())
     return {"probseg": str(probseg), "mask": str(lesion_mask), "lesions": str(lesions_tsv),
             "info": str(info_path)}

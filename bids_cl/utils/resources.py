@@ -76,6 +76,12 @@ def slurm_cpus(env: Mapping[str, str] = os.environ) -> int | None:
 GPU_NODE_CPUS = 2
 
 
+def segment_threads(omp_nthreads: int, *, gpu: bool) -> int:
+    """Threads of the segmentation (its node, or the run's shared worker): ``GPU_NODE_CPUS`` at most
+    on a GPU run, where the device does the work, else the run's threads per process."""
+    return min(omp_nthreads, GPU_NODE_CPUS) if gpu else omp_nthreads
+
+
 def effective_cpus(
     nprocs: int | None = None,
     omp_nthreads: int | None = None,

@@ -29,7 +29,7 @@ from bids_cl.interfaces import (
     WriteDerivatives,
 )
 from bids_cl.utils.bids import WorkItem
-from bids_cl.utils.resources import GPU_NODE_CPUS
+from bids_cl.utils.resources import segment_threads
 
 # Declared memory of each node, in GB: what the scheduler reserves (MultiProc's memory_gb budget, a
 # cluster plugin's --mem). Measured peaks are in docs/engine.md and docs/preprocessing.md.
@@ -160,10 +160,11 @@ def init_target_wf(*, config: RunConfig, resolved: ResolvedRun, item: WorkItem,
     nthreads = resolved.omp_nthreads
     gpu = resolved.device == "cuda"
     # On a GPU the segment node holds few CPU slots, so MultiProc keeps skull-stripping and
-    # registering other participants while the GPU works (utils.resources.GPU_NODE_CPUS).
-    segment_cpus = min(nthreads, GPU_NODE_CPUS) if gpu else nthreads
+    # registering other participants while the GPU works (utils.resources.segment_threads).
+    engine_threads = segment_threads(nthreads, gpu=gpu)
+    segment_cpus = engine_threads
     segment_mem_gb = SEGMENT_MEM_GB
-    shared = resolved.segment_worker == "shared" and resolved.worker_address is not None
+    shared = resolved.worker_address is not None  # the runner started the run's shared worker
     if shared and gpu:
         # The node waits on the run's shared worker in one of its WORKER_DEPTH GPU slots; what it holds
         # meanwhile is its share of the worker's CPUs and memory (bids_cl.engine.worker).
@@ -190,7 +191,7 @@ def init_target_wf(*, config: RunConfig, resolved: ResolvedRun, item: WorkItem,
         Segment(model=resolved.model, model_verified=True, device=resolved.device,
                 folds=config.folds, tta=False if config.disable_tta else None, threshold=config.threshold,
                 min_lesion_size=config.min_lesion_size, connectivity=config.connectivity,
-                nthreads=min(nthreads, GPU_NODE_CPUS) if gpu else nthreads,
+                nthreads=engine_threads,
                 # A node waiting on the shared worker takes a GPU slot on a CPU run too: one image at once.
                 use_gpu=gpu or shared, **recorded),
         name="segment", n_procs=segment_cpus, mem_gb=segment_mem_gb)
